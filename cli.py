@@ -1,0 +1,6 @@
+"""`python cli.py ...` is the same as `wsss ...`."""
+
+from wsss.cli import main
+
+if __name__ == "__main__":
+    main()

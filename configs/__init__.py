@@ -1,0 +1,1 @@
+"""Built-in YAML configs, importable as the package ``wsss.configs``."""

@@ -1,0 +1,379 @@
+"""Typed configuration: one dataclass per section, YAML files, dotted overrides.
+
+Defaults are the published AFA values for PASCAL VOC 2012 (Ru et al., CVPR
+2022; see the design notes). ``configs/<name>.yaml`` files only list what
+differs from these defaults. Every hyper-parameter of the method lives here;
+no number of the method hides in a function body.
+
+    cfg = load_config("voc", ["train.lr=1e-4", "cam.scales=[1.0,0.5]"])
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from wsss.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["voc", "coco", "custom"] = "voc"
+    root: str = "data/VOCdevkit/VOC2012"
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    val_limit: int = 0  # validate on the first N images of val_split; 0 = all
+    crop_size: int = 512
+    rescale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    hflip: bool = True
+    color_jitter: bool = False
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    ignore_index: int = 255
+    batch_size: int = 2  # per process; the paper's total batch 4 = 2 GPUs x 2
+    num_workers: int = 4
+
+
+@dataclass
+class MaskDecoderConfig:
+    cross_attention: Literal["standard", "masked", "kmeans", "soft"] = "masked"
+    num_queries: int = 100
+    num_layers: int = 9
+    hidden_dim: int = 256
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    # HODOR per-head soft-mask scales s_h (learnable); one per head.
+    soft_mask_scales: list[float] = field(default_factory=lambda: [32.0, 32.0, 16.0, 16.0, 8.0, 8.0, 4.0, 4.0])
+    mask_threshold: float = 0.5  # Mask2Former: attend where sigmoid(mask) >= 0.5
+
+
+@dataclass
+class ModelConfig:
+    # "mit_b0".."mit_b5", "timm:<name>" (e.g. "timm:vit_small_patch16_224"),
+    # or "mit_tiny" (a small MiT for CPU demos and tests).
+    backbone: str = "mit_b1"
+    # "" = random init; a local file (.pth / .safetensors); "hub" = timm / HF weights by name.
+    pretrained: str = ""
+    strides: list[int] = field(default_factory=lambda: [4, 2, 2, 1])
+    drop_path_rate: float = 0.1
+    cam_pooling: Literal["gmp", "gap"] = "gmp"
+    seg_head: Literal["segformer", "mask_decoder"] = "segformer"
+    seg_embed_dim: int = 256
+    mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 20000
+    cam_iters: int = 2000  # classification only up to here
+    afa_label_iter: int = 6000  # seg target switches to AFA-propagated labels here
+    lr: float = 6e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    head_lr_mult: float = 10.0
+    freeze_backbone_norm: bool = True
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    poly_power: float = 1.0
+    cls_loss_weight: float = 1.0
+    seg_loss_weight: float = 0.1
+    aff_loss_weight: float = 0.1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    log_interval: int = 50
+    val_interval: int = 2000
+    ckpt_interval: int = 1000
+    image_log_interval: int = 500
+    work_dir: str = "work_dirs/voc"
+
+
+@dataclass
+class CamConfig:
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5])
+    flip: bool = True
+    bg_threshold_high: float = 0.55
+    bg_threshold_low: float = 0.35
+    bg_threshold_eval: float = 0.45
+
+
+@dataclass
+class ParConfig:
+    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
+    w1: float = 0.3
+    w2: float = 0.01
+    iterations: int = 10
+    scale: float = 0.5  # PAR runs at this fraction of the input resolution
+
+
+@dataclass
+class AfaConfig:
+    attn_blocks: int = 2  # last blocks whose raw attention logits feed the AFA head
+    radius: int = 8  # Chebyshev window radius on the token grid
+    rw_power: int = 2
+    rw_eps: float = 0.1  # T = A / (column sums + eps)
+    affinity_scale: float = 1.5  # the CAM scale whose affinity drives the random walk
+
+
+@dataclass
+class EvalConfig:
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.75])
+    flip: bool = True
+    long_side: int = 512
+    crf: bool = False
+    crf_iterations: int = 10
+    crf_gaussian_sxy: float = 3.0
+    crf_gaussian_compat: float = 3.0
+    crf_bilateral_sxy: float = 64.0
+    crf_bilateral_srgb: float = 5.0
+    crf_bilateral_compat: float = 4.0
+    crf_workers: int = 2
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    par: ParConfig = field(default_factory=ParConfig)
+    afa: AfaConfig = field(default_factory=AfaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- #
+# loading and validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where lossless."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join(valid)}")
+
+
+def _set(obj: Any, path: list[str], value: Any, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    name = path[0]
+    key = f"{prefix}{name}"
+    if name not in hints:
+        raise _unknown_key(key, [f.name for f in fields(obj)])
+    tp = hints[name]
+    if len(path) > 1:
+        if not is_dataclass(tp):
+            raise ConfigError(f"config key '{key}' is {_type_name(tp)}, it has no sub-key '{path[1]}'")
+        _set(getattr(obj, name), path[1:], value, f"{key}.")
+        return
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of its sub-keys, got {value!r}")
+        for sub, v in value.items():
+            _set(getattr(obj, name), [str(sub)], v, f"{key}.")
+        return
+    setattr(obj, name, _coerce(value, tp, key))
+
+
+def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str = "") -> Config:
+    """Apply a nested mapping (as read from YAML) onto ``cfg`` in place."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source or 'config'} must be a mapping of sections, got {type(mapping).__name__}")
+    for key, value in mapping.items():
+        _set(cfg, [str(key)], value)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key.split("."), value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks the types alone cannot express."""
+    checks = [
+        (cfg.data.crop_size > 0, "data.crop_size must be positive"),
+        (cfg.data.batch_size > 0, "data.batch_size must be positive"),
+        (len(cfg.data.rescale_range) == 2 and 0 < cfg.data.rescale_range[0] <= cfg.data.rescale_range[1],
+         "data.rescale_range must be [low, high] with 0 < low <= high"),
+        (len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean and data.std must have 3 values"),
+        (len(cfg.model.strides) == 4, "model.strides must have 4 values, one per stage"),
+        (len(cfg.train.betas) == 2, "train.betas must be [beta1, beta2]"),
+        (cfg.train.iterations > 0, "train.iterations must be positive"),
+        (0 <= cfg.train.cam_iters <= cfg.train.afa_label_iter,
+         "train.cam_iters must be >= 0 and <= train.afa_label_iter"),
+        (0 < cfg.cam.bg_threshold_low <= cfg.cam.bg_threshold_high < 1,
+         "cam thresholds must satisfy 0 < bg_threshold_low <= bg_threshold_high < 1"),
+        (len(cfg.cam.scales) > 0 and all(s > 0 for s in cfg.cam.scales), "cam.scales must be positive numbers"),
+        (cfg.afa.affinity_scale in cfg.cam.scales,
+         f"afa.affinity_scale ({cfg.afa.affinity_scale}) must be one of cam.scales {cfg.cam.scales}"),
+        (cfg.afa.attn_blocks >= 1, "afa.attn_blocks must be >= 1"),
+        (cfg.afa.radius >= 0, "afa.radius must be >= 0"),
+        (len(cfg.par.dilations) > 0 and all(d > 0 for d in cfg.par.dilations), "par.dilations must be positive"),
+        (0 < cfg.par.scale <= 1, "par.scale must be in (0, 1]"),
+        (len(cfg.eval.scales) > 0 and all(s > 0 for s in cfg.eval.scales), "eval.scales must be positive numbers"),
+        (len(cfg.model.mask_decoder.soft_mask_scales) == cfg.model.mask_decoder.num_heads,
+         "model.mask_decoder.soft_mask_scales must have one value per head (model.mask_decoder.num_heads)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("wsss.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        text, source = path.read_text(), str(path)
+    else:
+        res = resources.files("wsss.configs") / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ConfigError(
+                f"unknown config '{name_or_path}'; expected one of {', '.join(builtin_config_names())} "
+                "or a path to a .yaml file"
+            )
+        text, source = res.read_text(), f"configs/{name_or_path}.yaml"
+    try:
+        mapping = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{source}' is not valid YAML: {exc}") from None
+    return mapping, source
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (a built-in name or a path), then ``key=value`` overrides.
+
+    A YAML file may name a ``base`` config whose values it extends.
+    """
+    cfg = Config()
+    if name_or_path:
+        chain: list[tuple[dict[str, Any], str]] = []
+        seen: set[str] = set()
+        current: str | None = name_or_path
+        while current:
+            if current in seen:
+                raise ConfigError(f"config '{current}' names itself as its base")
+            seen.add(current)
+            mapping, source = _read_yaml(current)
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"config file '{source}' must be a mapping of sections")
+            base = mapping.pop("base", None)
+            chain.append((mapping, source))
+            if base is not None and Path(current).exists() and not Path(str(base)).is_absolute():
+                sibling = Path(current).parent / str(base)
+                base = str(sibling) if sibling.exists() else base
+            current = base
+        for mapping, source in reversed(chain):
+            apply_mapping(cfg, mapping, source)
+    return apply_overrides(cfg, overrides or [])
+
+
+def config_from_dict(mapping: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. a checkpoint)."""
+    cfg = apply_mapping(Config(), mapping)
+    validate(cfg)
+    return cfg
+
+
+__all__ = [
+    "AfaConfig", "CamConfig", "Config", "DataConfig", "EvalConfig", "MaskDecoderConfig", "ModelConfig",
+    "ParConfig", "TrainConfig", "apply_overrides", "config_from_dict", "load_config",
+]
