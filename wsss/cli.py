@@ -1,8 +1,14 @@
-"""The `wsss` command line: a thin Typer shell over the library API."""
+"""The `wsss` command line: a thin Typer shell over the library API.
+
+Every command maps onto one library function, so anything done here can be
+done from Python (see README, "Python API").
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -17,16 +23,182 @@ app = typer.Typer(
     add_completion=False,
 )
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
+data_app = typer.Typer(help="Build and convert datasets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+OVERRIDES = typer.Argument(None, help="config overrides, e.g. train.lr=1e-4 cam.scales=[1.0,0.5]", show_default=False)
+
+
+def _config(name: str, overrides: Optional[List[str]], data_root: Optional[Path] = None,
+            work_dir: Optional[Path] = None):
+    extra = list(overrides or [])
+    if data_root is not None:
+        extra.append(f"data.root={data_root}")
+    if work_dir is not None:
+        extra.append(f"train.work_dir={work_dir}")
+    return load_config(name, extra)
+
+
+# --------------------------------------------------------------------------- config
 
 
 @config_app.command("show")
 def config_show(
     name: str = typer.Argument(..., help="voc | coco | custom | demo, or a path to a YAML file"),
-    overrides: Optional[List[str]] = typer.Argument(None, help="section.key=value overrides"),
+    overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
     """Print the resolved configuration as YAML."""
     typer.echo(load_config(name, overrides or []).to_yaml(), nl=False)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("demo")
+def data_demo(
+    out: Path = typer.Argument(..., help="output directory (custom VOC layout)"),
+    seed: int = typer.Option(0, help="random seed; the same seed gives the same dataset"),
+    num_classes: int = typer.Option(4, help="number of digit classes (1-10)"),
+    image_size: int = typer.Option(128, help="image side in pixels"),
+    num_train: int = typer.Option(400, help="training images"),
+    num_val: int = typer.Option(100, help="validation images"),
+    min_objects: int = typer.Option(1, help="fewest digits per image"),
+    max_objects: int = typer.Option(2, help="most digits per image"),
+    min_object_size: float = typer.Option(0.4, help="smallest digit side as a fraction of the image side"),
+    max_object_size: float = typer.Option(0.6, help="largest digit side as a fraction of the image side"),
+    texture: bool = typer.Option(False, help="fill digits with a texture instead of a flat colour"),
+    random_colours: bool = typer.Option(False, help="random fill colour per digit instead of one per class"),
+) -> None:
+    """Build the embedded demo dataset: real MNIST digits pasted on real photos."""
+    from wsss.data.demo import build_demo_dataset
+
+    path = build_demo_dataset(
+        out, seed=seed, num_classes=num_classes, image_size=image_size, num_train=num_train, num_val=num_val,
+        objects_per_image=(min_objects, max_objects), object_size=(min_object_size, max_object_size),
+        texture=texture, random_colours=random_colours,
+    )
+    typer.echo(f"demo dataset written to {path}")
+
+
+@data_app.command("coco-masks")
+def data_coco_masks(
+    coco_root: Path = typer.Argument(..., help="COCO 2014 root with train2014/, val2014/, annotations/"),
+    out: Path = typer.Argument(..., help="output root in the VOC-style layout"),
+    splits: List[str] = typer.Option(["train", "val"], "--split", help="splits to convert"),
+    copy: bool = typer.Option(False, help="copy images instead of symlinking them"),
+) -> None:
+    """Convert COCO instance annotations to VOC-style label PNGs (81 classes)."""
+    from wsss.data.coco import convert_coco_masks
+
+    path = convert_coco_masks(coco_root, out, splits=tuple(splits), copy_images=copy)
+    typer.echo(f"COCO masks written to {path}")
+
+
+# --------------------------------------------------------------------------- train
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="voc | coco | custom | demo, or a path to a YAML file"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    data_root: Optional[Path] = typer.Option(None, help="dataset root (sets data.root)"),
+    work_dir: Optional[Path] = typer.Option(None, help="output directory (sets train.work_dir)"),
+    resume: Optional[Path] = typer.Option(None, help="checkpoint to resume from exactly"),
+) -> None:
+    """Train AFA end to end: CAM, PAR pseudo labels, affinity, random walk, segmentation."""
+    from wsss.engine.trainer import train as run_training
+
+    cfg = _config(config, overrides, data_root, work_dir)
+    run_training(cfg, resume=resume)
+
+
+# --------------------------------------------------------------------------- pseudolabel
+
+
+@app.command()
+def pseudolabel(
+    checkpoint: Path = typer.Option(..., help="a checkpoint written by `wsss train`"),
+    split: str = typer.Option("train_aug", help="dataset split to label"),
+    out: Optional[Path] = typer.Option(None, help="output directory (default: <work_dir>/pseudo_labels/<split>_<method>)"),
+    method: str = typer.Option("afa", help="cam | par | afa"),
+    msc: bool = typer.Option(True, help="multi-scale + flip CAMs"),
+    crf: bool = typer.Option(False, help="refine with DenseCRF (needs pydensecrf2)"),
+    save_probs: bool = typer.Option(False, help="also save class probabilities (.npy, float16)"),
+    evaluate: bool = typer.Option(False, "--eval", help="report mIoU of the written labels against the split's masks"),
+    data_root: Optional[Path] = typer.Option(None, help="dataset root (default: the checkpoint's)"),
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
+    """Write pseudo labels (VOC-palette PNGs) for a split; restartable and torchrun-aware."""
+    from wsss.engine.inference import generate_pseudo_labels
+
+    if method not in ("cam", "par", "afa"):
+        raise WsssError(f"--method must be one of cam, par, afa; got '{method}'")
+    generate_pseudo_labels(
+        checkpoint, split=split, out_dir=out, method=method, msc=msc, crf=crf, save_probs=save_probs,
+        evaluate=evaluate, data_root=data_root, overrides=overrides or [],
+    )
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def evaluate(
+    pred: Optional[Path] = typer.Option(None, help="directory of label PNGs to score"),
+    checkpoint: Optional[Path] = typer.Option(None, help="evaluate a checkpoint instead of a directory"),
+    data_root: Optional[Path] = typer.Option(None, help="dataset root (required with --pred)"),
+    split: str = typer.Option("val", help="dataset split"),
+    target: str = typer.Option("seg", help="with --checkpoint: seg | cam | afa"),
+    msc: bool = typer.Option(False, help="with --checkpoint: multi-scale + flip test (eval.scales)"),
+    crf: bool = typer.Option(False, help="with --checkpoint: DenseCRF post-processing"),
+    save: Optional[Path] = typer.Option(None, help="with --checkpoint: write predictions here (VOC server layout for test)"),
+    dataset: Optional[str] = typer.Option(None, help="with --pred: voc | coco | custom (default: guessed from the root)"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="also write the metrics as JSON"),
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
+    """mIoU (one accumulated confusion matrix, 255 ignored), per-class IoU and pixel accuracy."""
+    if (pred is None) == (checkpoint is None):
+        raise WsssError("give exactly one of --pred DIR or --checkpoint FILE")
+    from wsss.engine.metrics import format_table
+
+    if pred is not None:
+        from wsss.engine.evaluation import evaluate_prediction_dir
+
+        if data_root is None:
+            raise WsssError("--pred needs --data-root: the dataset whose masks are the ground truth")
+        result = evaluate_prediction_dir(pred, data_root, split=split, dataset=dataset)
+    else:
+        from wsss.engine.inference import evaluate_checkpoint
+
+        if target not in ("seg", "cam", "afa"):
+            raise WsssError(f"--target must be one of seg, cam, afa; got '{target}'")
+        result = evaluate_checkpoint(
+            checkpoint, split=split, target=target, msc=msc, crf=crf, save_dir=save, data_root=data_root,
+            overrides=overrides or [],
+        )
+    if result is None:  # e.g. the test split: predictions written, no ground truth
+        return
+    typer.echo(format_table(result))
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(result, indent=2))
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    work_dir: Path = typer.Option(Path("work_dirs/demo"), help="where the run writes everything"),
+    data_dir: Path = typer.Option(Path("data/demo"), help="the demo dataset (built here if missing)"),
+    pretrained: Optional[str] = typer.Option(None, help="start from these weights (hub name or file) instead of scratch"),
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
+    """Build the demo data, train from scratch, pseudo-label, evaluate, print one table."""
+    from wsss.engine.demo import run_demo
+
+    run_demo(work_dir=work_dir, data_dir=data_dir, pretrained=pretrained, overrides=overrides or [])
 
 
 def main() -> None:
@@ -36,6 +208,9 @@ def main() -> None:
     except WsssError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
