@@ -191,20 +191,22 @@ def evaluate(
 @app.command()
 def viz(
     checkpoint: Path = typer.Option(..., help="a checkpoint written by `wsss train`"),
-    images: Optional[List[Path]] = typer.Argument(None, help="image files (instead of --split)", show_default=False),
+    args: Optional[List[str]] = typer.Argument(
+        None, help="image files (instead of --split) and section.key=value overrides", show_default=False),
     split: Optional[str] = typer.Option(None, help="dataset split to visualize (instead of IMAGE ...)"),
     limit: int = typer.Option(16, help="with --split: the first N images (0 = all)"),
     out: Path = typer.Option(..., help="output directory for the PNG panels and index.html"),
     data_root: Optional[Path] = typer.Option(None, help="dataset root (default: the checkpoint's)"),
-    overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
     """One PNG panel per image (CAMs, PAR and random-walk labels, affinities, prediction) and an HTML index."""
     from wsss.engine.viz import visualize
 
+    overrides = [a for a in args or [] if "=" in a]
+    images = [Path(a) for a in args or [] if "=" not in a]
     if (split is None) == (not images):
         raise WsssError("give either --split SPLIT or one or more IMAGE files")
-    index = visualize(checkpoint, out_dir=out, split=split, images=list(images or []), limit=limit,
-                      data_root=data_root, overrides=overrides or [])
+    index = visualize(checkpoint, out_dir=out, split=split, images=images, limit=limit,
+                      data_root=data_root, overrides=overrides)
     typer.echo(f"panels and index written to {index}")
 
 
