@@ -199,12 +199,12 @@ def viz(
     data_root: Optional[Path] = typer.Option(None, help="dataset root (default: the checkpoint's)"),
 ) -> None:
     """One PNG panel per image (CAMs, PAR and random-walk labels, affinities, prediction) and an HTML index."""
-    from wsss.engine.viz import visualize
-
     overrides = [a for a in args or [] if "=" in a]
     images = [Path(a) for a in args or [] if "=" not in a]
     if (split is None) == (not images):
         raise WsssError("give either --split SPLIT or one or more IMAGE files")
+    from wsss.engine.viz import visualize
+
     index = visualize(checkpoint, out_dir=out, split=split, images=images, limit=limit,
                       data_root=data_root, overrides=overrides)
     typer.echo(f"panels and index written to {index}")
