@@ -46,6 +46,10 @@ SEMANTIC_EPS = 1e-6
 CROSS_ATTENTIONS = ("standard", "masked", "kmeans", "soft")
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 # --------------------------------------------------------------------------- #
 # attention math (pure functions, vectorized over batch, heads, queries and keys)
 
@@ -66,14 +70,14 @@ def masked_attention_mask(mask_logits: Tensor, threshold: float) -> Tensor:
 def soft_attention_bias(mask_logits: Tensor, scales: Tensor) -> Tensor:
     """HODOR additive bias -s_h * (1 - M), M = sigmoid(mask logits), differentiable in both.
 
-    mask_logits [B, Q, S], scales [H] -> float32 [B, H, Q, S].
+    mask_logits [B, Q, S], scales [H] -> [B, H, Q, S] in float32 (float64 stays float64).
     """
-    soft_mask = mask_logits.float().sigmoid()
-    return -scales.float().view(1, -1, 1, 1) * (1.0 - soft_mask.unsqueeze(1))
+    soft_mask = _at_least_float32(mask_logits).sigmoid()
+    return -_at_least_float32(scales).view(1, -1, 1, 1) * (1.0 - soft_mask.unsqueeze(1))
 
 
 def kmeans_assignment(logits: Tensor) -> Tensor:
-    """One-hot argmax over queries: logits [B, Q, S] -> float32 [B, Q, S], no gradient."""
+    """One-hot argmax over queries: logits [B, Q, S] -> float32 [B, Q, S] (ties: lowest index), no gradient."""
     with torch.no_grad():
         index = logits.detach().argmax(dim=1, keepdim=True)
         return torch.zeros(logits.shape, device=logits.device, dtype=torch.float32).scatter_(1, index, 1.0)
@@ -83,13 +87,14 @@ def kmeans_update(logits: Tensor, values: Tensor) -> Tensor:
     """kMaX k-means cross-attention update before its projection.
 
     logits [B, Q, S] (mask logits of every query at every key pixel), values [B, S, D]
-    -> [B, Q, D] float32: for every query the SUM of the values of the pixels assigned to it
+    -> [B, Q, D] (at least float32): for every query the SUM of the values of the pixels assigned to it
     (argmax over queries). The assignment carries no gradient; the values do. The sum over up
     to S pixels runs in float32 also under autocast.
     """
     assignment = kmeans_assignment(logits)
     with torch.autocast(device_type=values.device.type, enabled=False):
-        return torch.einsum("bqs,bsd->bqd", assignment, values.float())
+        values = _at_least_float32(values)
+        return torch.einsum("bqs,bsd->bqd", assignment.to(values.dtype), values)
 
 
 def sine_position_encoding(height: int, width: int, dim: int, device: torch.device,
@@ -113,13 +118,13 @@ def semantic_log_probs(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
     """MaskFormer semantic inference as "logits".
 
     class_logits [B, Q, C + 1] (last column = no object), mask_logits [B, Q, H, W]
-    -> log(sum_q softmax(class_q)[:C] * sigmoid(mask_q) + SEMANTIC_EPS) float32 [B, C, H, W].
+    -> log(sum_q softmax(class_q)[:C] * sigmoid(mask_q) + SEMANTIC_EPS) [B, C, H, W], float32 (or float64).
     Computed in float32 (also under autocast): the log of small probabilities is where
     bf16 would hurt.
     """
     with torch.autocast(device_type=mask_logits.device.type, enabled=False):
-        class_probs = class_logits.float().softmax(dim=-1)[..., :-1]
-        seg = torch.einsum("bqc,bqhw->bchw", class_probs, mask_logits.float().sigmoid())
+        class_probs = _at_least_float32(class_logits).softmax(dim=-1)[..., :-1]
+        seg = torch.einsum("bqc,bqhw->bchw", class_probs, _at_least_float32(mask_logits).sigmoid())
         return (seg + SEMANTIC_EPS).log()
 
 
