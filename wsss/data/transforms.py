@@ -2,7 +2,9 @@
 
 Geometry acts on the image and the mask together (torchvision.transforms.v2
 with ``tv_tensors.Image`` / ``tv_tensors.Mask``: bilinear for the image,
-nearest for the mask), so a mask drawn from the image stays aligned with it.
+nearest-exact for the mask, which samples pixel centres like the bilinear
+resize; legacy "nearest" shifts the mask by up to half a pixel), so a mask
+drawn from the image stays aligned with it.
 Randomness comes from torch's global RNG only, so the per-worker seeding of a
 DataLoader (and ``torch.manual_seed``) makes the augmentation reproducible.
 
@@ -131,7 +133,7 @@ class TrainTransform:
         size = [max(1, round(h * scale)), max(1, round(w * scale))]
         if size != [h, w]:
             img = F.resize(img, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-            msk = F.resize(msk, size, interpolation=v2.InterpolationMode.NEAREST)
+            msk = F.resize(msk, size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
         if self.jitter is not None:
             img = self.jitter(img)
         if self.hflip and float(torch.rand(()).item()) < 0.5:
