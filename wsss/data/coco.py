@@ -109,7 +109,8 @@ def convert_coco_masks(
     coco_api = require("pycocotools.coco", package="pycocotools", extra="coco")
     coco_root, out_root = Path(coco_root), Path(out_root)
     if not coco_root.is_dir():
-        raise DatasetError(f"COCO root '{coco_root}' is not a directory; expected {{train,val}}{year}/ and annotations/")
+        raise DatasetError(
+            f"COCO root '{coco_root}' is not a directory; expected {{train,val}}{year}/ and annotations/ in it")
     if not splits:
         raise DatasetError("convert_coco_masks needs at least one split, e.g. ('train', 'val')")
     class_names: list[str] | None = None
