@@ -80,7 +80,8 @@ def _build(head: str, args, device: torch.device):
 def _case(head: str, precision: str, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     module, make_inputs, run = _build(head, args, device)
     inputs = make_inputs()
     cuda = device.type == "cuda"
