@@ -1,0 +1,129 @@
+"""The assembled AFA network: backbone + CAM classifier + segmentation head + affinity head.
+
+    net = build_network(cfg, num_classes=21)        # C classes incl. background
+    out = net(images)                               # NetworkOutput, training pass
+    cams, affinity = net.cam_forward(images, True)  # the ``cam_fn`` of multiscale_cam
+    optimizer = torch.optim.AdamW(net.param_groups(cfg.train), betas=cfg.train.betas)
+
+Optimizer parameter groups (AFA sec. 5 of the design notes), always the same four, in
+this order, each dict with "name", "params", "lr", "lr_mult", "weight_decay" (a scheduler
+sets ``group["lr"] = lr_now * group["lr_mult"]``):
+
+- ``backbone``       every backbone parameter not in a norm layer: lr x 1
+- ``backbone_norm``  the backbone's LayerNorm / BatchNorm / GroupNorm parameters:
+                     lr x 0 when ``train.freeze_backbone_norm`` (as the published code),
+                     else lr x 1. Frozen by a zero learning rate, not ``requires_grad=False``,
+                     so the groups, the optimizer state and a resumed run look the same
+                     whichever way the flag is set.
+- ``cam_afa_heads``  classifier + affinity 1x1 conv: lr x ``train.head_lr_mult``
+- ``seg_head``       segmentation head: lr x ``train.head_lr_mult``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from wsss.config import Config, TrainConfig
+from wsss.errors import ConfigError, WsssError
+from wsss.models.backbones import create_backbone
+from wsss.models.heads import AffinityHead, CamClassifier, SegFormerHead
+
+SEG_HEADS = ("segformer", "mask_decoder")
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
+
+
+@dataclass
+class NetworkOutput:
+    cls_logits: Tensor  # [B, K]
+    cams: Tensor  # [B, K, h, w] raw (no ReLU), stage-4 grid
+    seg_logits: Tensor | None  # [B, C, H1, W1] at stage-1 resolution (1/4 for MiT / PVT)
+    seg_aux: list[Tensor] = field(default_factory=list)  # mask decoder deep supervision, [] for SegFormer
+    affinity: Tensor | None = None  # [B, N, N] in [0, 1], N = h * w
+    features: list[Tensor] = field(default_factory=list)  # the 4 backbone maps
+
+
+class AFANetwork(nn.Module):
+    """Backbone + CAM classifier + seg head + AFA affinity head (``num_classes`` = C incl. background)."""
+
+    def __init__(self, backbone: nn.Module, seg_head: nn.Module, num_classes: int, cam_pooling: str = "gmp") -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"the network needs at least 2 classes (background + 1), got {num_classes}")
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.classifier = CamClassifier(backbone.out_channels[-1], num_classes - 1, cam_pooling)
+        self.affinity_head = AffinityHead(backbone.attn_maps)
+        self.seg_head = seg_head
+
+    def forward(self, images: Tensor, with_seg: bool = True, with_affinity: bool = True) -> NetworkOutput:
+        """images [B, 3, H, W] normalized -> NetworkOutput (seg / affinity None when not asked)."""
+        features, attn_logits = self.backbone(images, with_attn=with_affinity)
+        cls_logits, cams = self.classifier(features[-1])
+        seg_logits, seg_aux = None, []
+        if with_seg:
+            seg_out = self.seg_head(features)
+            seg_logits, seg_aux = seg_out if isinstance(seg_out, tuple) else (seg_out, [])
+        affinity = self.affinity_head(attn_logits) if with_affinity else None
+        return NetworkOutput(cls_logits, cams, seg_logits, list(seg_aux), affinity, features)
+
+    def cam_forward(self, images: Tensor, with_affinity: bool = False) -> tuple[Tensor, Tensor | None]:
+        """images [B, 3, H, W] -> (raw CAMs [B, K, h, w], affinity [B, N, N] | None).
+
+        Backbone + classifier (+ affinity head) only: no seg head, no pooled logits, and
+        attention logits only when ``with_affinity``.
+        """
+        features, attn_logits = self.backbone(images, with_attn=with_affinity)
+        cams = self.classifier.cam(features[-1])
+        return cams, self.affinity_head(attn_logits) if with_affinity else None
+
+    def param_groups(self, train_cfg: TrainConfig) -> list[dict]:
+        """The four optimizer groups of the module docstring; every trainable parameter once."""
+        norm_ids = {
+            id(p) for m in self.backbone.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)
+        }
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        head_mult = train_cfg.head_lr_mult
+        norm_mult = 0.0 if train_cfg.freeze_backbone_norm else 1.0
+        specs = [
+            ("backbone", [p for p in backbone if id(p) not in norm_ids], 1.0),
+            ("backbone_norm", [p for p in backbone if id(p) in norm_ids], norm_mult),
+            ("cam_afa_heads", [*self.classifier.parameters(), *self.affinity_head.parameters()], head_mult),
+            ("seg_head", list(self.seg_head.parameters()), head_mult),
+        ]
+        return [
+            {
+                "name": name,
+                "params": [p for p in params if p.requires_grad],
+                "lr": train_cfg.lr * mult,
+                "lr_mult": mult,
+                "weight_decay": train_cfg.weight_decay,
+            }
+            for name, params, mult in specs
+        ]
+
+
+def build_seg_head(cfg: Config, in_channels: list[int], num_classes: int) -> nn.Module:
+    kind = cfg.model.seg_head
+    if kind == "segformer":
+        return SegFormerHead(in_channels, num_classes, cfg.model.seg_embed_dim)
+    if kind == "mask_decoder":
+        try:
+            from wsss.models.mask_decoder import MaskDecoderHead
+        except ModuleNotFoundError as exc:
+            if exc.name != "wsss.models.mask_decoder":
+                raise
+            raise WsssError(
+                "model.seg_head='mask_decoder' needs wsss/models/mask_decoder.py (MaskDecoderHead), "
+                "which is not installed; use model.seg_head=segformer"
+            ) from None
+        return MaskDecoderHead(in_channels, num_classes, cfg.model.mask_decoder)
+    raise ConfigError(f"model.seg_head must be one of {', '.join(SEG_HEADS)}, got {kind!r}")
+
+
+def build_network(cfg: Config, num_classes: int) -> AFANetwork:
+    """The network of ``cfg.model`` for ``num_classes`` = C classes including background."""
+    backbone = create_backbone(cfg.model, cfg.afa.attn_blocks)
+    seg_head = build_seg_head(cfg, list(backbone.out_channels), num_classes)
+    return AFANetwork(backbone, seg_head, num_classes, cfg.model.cam_pooling)
