@@ -1,0 +1,415 @@
+"""Visual inspection of a trained AFA model: one PNG panel per image and an HTML index.
+
+A panel shows, for one image, every stage of the method (Ru et al., CVPR 2022):
+
+    row 1   input (affinity query points marked) | PAR pseudo label (high/low) |
+            random-walk (AFA) label | segmentation prediction | ground truth
+    row 2   the CAM of each shown class, as a heat map blended on the image
+    row 3   the predicted affinity of a few query pixels (the most confident pixel of
+            each shown class and one background pixel): the affinity-matrix row at
+            that token, upsampled, blended on the image
+    legend  VOC-palette colours of the classes in the label maps
+
+The shown classes are the image's labels when the image comes from a split with
+masks, otherwise the classes the classifier predicts (sigmoid > 0.5, at least the top one).
+
+Library pieces, usable one by one from a notebook::
+
+    maps = compute_maps(network, image_uint8, cfg, class_names, gt=mask)   # ImageMaps of numpy arrays
+    panel = render_panel(maps, title="val_0003")                           # PIL.Image
+    index = visualize("work_dirs/demo/checkpoints/last.pth", "viz", split="val", limit=8)
+
+Rendering is numpy + PIL only: label maps are coloured by palette indexing, heat maps
+through the small colour look-up table :data:`HEAT_LUT`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from wsss.data.io import IGNORE_VALUE, VOC_PALETTE
+
+# --------------------------------------------------------------------------- colours
+
+
+def _heat_lut() -> np.ndarray:
+    """A jet-like colour map: dark blue -> blue -> cyan -> yellow -> red -> dark red, [256, 3] uint8."""
+    anchors = np.array(
+        [[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0], [128, 0, 0]], dtype=np.float64
+    )
+    positions = np.linspace(0.0, 1.0, len(anchors))
+    x = np.linspace(0.0, 1.0, 256)
+    lut = np.stack([np.interp(x, positions, anchors[:, c]) for c in range(3)], axis=1)
+    return np.round(lut).astype(np.uint8)
+
+
+HEAT_LUT: np.ndarray = _heat_lut()  # [256, 3] uint8, value 0 -> dark blue, 1 -> dark red
+HEAT_LUT.setflags(write=False)
+
+HEAT_ALPHA = 0.5  # weight of a heat map blended on the image
+POINT_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (255, 255, 255), (255, 0, 255), (0, 255, 0), (255, 128, 0), (0, 255, 255), (255, 255, 0),
+)
+
+# --------------------------------------------------------------------------- layout
+
+TILE_SIZE = 160  # side of one square tile in pixels; maps are letterboxed into it
+GAP = 6  # pixels between tiles and around the panel
+TILE_TITLE_HEIGHT = 16
+HEADER_HEIGHT = 24
+LEGEND_ROW_HEIGHT = 18
+COLUMNS = 5  # tiles per row; row 1 always has five
+BACKGROUND = (40, 40, 40)
+TEXT = (235, 235, 235)
+EMPTY_TILE = (70, 70, 70)
+
+
+def colorize_label(label: np.ndarray) -> np.ndarray:
+    """Class-index map int [H, W] (255 = ignore) -> uint8 [H, W, 3] VOC palette colours."""
+    return VOC_PALETTE[np.asarray(label).astype(np.intp) & 255]
+
+
+def heatmap(values: np.ndarray) -> np.ndarray:
+    """float [H, W] in [0, 1] (clipped) -> uint8 [H, W, 3] through :data:`HEAT_LUT`."""
+    index = np.round(np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32)), 0.0, 1.0) * 255)
+    return HEAT_LUT[index.astype(np.intp)]
+
+
+def blend(image: np.ndarray, overlay: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
+    """uint8 [H, W, 3] image, uint8 [H, W, 3] overlay -> (1 - alpha) * image + alpha * overlay."""
+    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * overlay.astype(np.float32)
+    return np.round(mixed).astype(np.uint8)
+
+
+def heat_overlay(image: np.ndarray, values: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
+    """A heat map of float [H, W] in [0, 1] blended on uint8 [H, W, 3]."""
+    return blend(image, heatmap(values), alpha)
+
+
+def mark_points(
+    image: np.ndarray, points: Sequence[tuple[int, int]], colours: Sequence[tuple[int, int, int]] | None = None
+) -> np.ndarray:
+    """uint8 [H, W, 3] with a ringed cross at each (y, x) point -> a new uint8 [H, W, 3]."""
+    img = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(img)
+    radius = max(3, round(max(image.shape[:2]) / 40))
+    for i, (y, x) in enumerate(points):
+        colour = (colours or POINT_COLOURS)[i % len(colours or POINT_COLOURS)]
+        box = (x - radius, y - radius, x + radius, y + radius)
+        draw.ellipse(box, outline=(0, 0, 0), width=3)
+        draw.ellipse(box, outline=colour, width=1)
+        draw.line((x - radius, y, x + radius, y), fill=colour, width=1)
+        draw.line((x, y - radius, x, y + radius), fill=colour, width=1)
+    return np.asarray(img)
+
+
+def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size)
+    except (TypeError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text`` shortened with an ellipsis so that it fits ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def letterbox(image: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: scaled to fit (aspect kept), centred on EMPTY_TILE."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    scaled = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), resample))
+    tile = np.empty((size, size, 3), dtype=np.uint8)
+    tile[:] = EMPTY_TILE
+    y0, x0 = (size - nh) // 2, (size - nw) // 2
+    tile[y0:y0 + nh, x0:x0 + nw] = scaled
+    return tile
+
+
+@dataclass
+class Tile:
+    """One titled picture of a panel: ``picture`` uint8 [H, W, 3] or None for a "n/a" tile."""
+
+    title: str
+    picture: np.ndarray | None
+    nearest: bool = False  # resize with nearest neighbour (label maps) instead of bilinear
+
+
+def render_tiles(
+    rows: Sequence[Sequence[Tile]],
+    title: str = "",
+    legend: Sequence[tuple[str, tuple[int, int, int]]] = (),
+    tile_size: int = TILE_SIZE,
+    columns: int = COLUMNS,
+) -> Image.Image:
+    """Rows of tiles (each row wrapped at ``columns``) under a title, above a colour legend -> RGB image.
+
+    Width = columns * (tile_size + GAP) + GAP; the height grows with the rows and the legend.
+    """
+    font = _font(11)
+    title_font = _font(14)
+    grid: list[list[Tile]] = []
+    for row in rows:
+        grid.extend(list(row[i:i + columns]) for i in range(0, len(row), columns))
+    width = columns * (tile_size + GAP) + GAP
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_lines = _legend_lines(measure, legend, font, width - 2 * GAP)
+    cell_height = TILE_TITLE_HEIGHT + tile_size + GAP
+    height = HEADER_HEIGHT + len(grid) * cell_height + len(legend_lines) * LEGEND_ROW_HEIGHT + GAP
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((GAP, 4), _fit_text(draw, title, title_font, width - 2 * GAP), fill=TEXT, font=title_font)
+    for r, row in enumerate(grid):
+        top = HEADER_HEIGHT + r * cell_height
+        for c, tile in enumerate(row):
+            left = GAP + c * (tile_size + GAP)
+            draw.text((left, top + 1), _fit_text(draw, tile.title, font, tile_size), fill=TEXT, font=font)
+            y = top + TILE_TITLE_HEIGHT
+            if tile.picture is None:
+                draw.rectangle((left, y, left + tile_size - 1, y + tile_size - 1), fill=EMPTY_TILE)
+                draw.text((left + tile_size // 2, y + tile_size // 2), "n/a", fill=TEXT, font=title_font, anchor="mm")
+            else:
+                canvas.paste(Image.fromarray(letterbox(tile.picture, tile_size, tile.nearest)), (left, y))
+    top = HEADER_HEIGHT + len(grid) * cell_height
+    for line in legend_lines:
+        x = GAP
+        for name, colour, text_width in line:
+            draw.rectangle((x, top + 3, x + 11, top + 14), fill=tuple(int(v) for v in colour), outline=TEXT)
+            draw.text((x + 15, top + 2), name, fill=TEXT, font=font)
+            x += 15 + text_width + 12
+        top += LEGEND_ROW_HEIGHT
+    return canvas
+
+
+def _legend_lines(draw, legend, font, width: int) -> list[list[tuple[str, tuple[int, int, int], int]]]:
+    """Legend entries flowed into lines of at most ``width`` pixels."""
+    lines: list[list[tuple[str, tuple[int, int, int], int]]] = []
+    x = width + 1
+    for name, colour in legend:
+        text_width = int(np.ceil(draw.textlength(name, font=font)))
+        entry = 15 + text_width + 12
+        if x + entry > width and (not lines or lines[-1]):
+            lines.append([])
+            x = 0
+        lines[-1].append((name, colour, text_width))
+        x += entry
+    return lines
+
+
+# --------------------------------------------------------------------------- maps of one image
+
+
+@dataclass
+class ImageMaps:
+    """Everything a panel shows for one image, all at the image's size (H, W).
+
+    ``classes`` are the shown foreground classes (1..K, C-indexing, 0 = background);
+    ``cams[i]`` is the CAM of ``classes[i]``. ``points`` are the affinity query pixels
+    (y, x), ``point_classes`` their class (0 = the background point), ``affinity[i]`` the
+    predicted affinity of every pixel to ``points[i]``. Label maps are uint8 with 255 =
+    ignore; ``gt`` is None without ground truth. ``class_names`` has C names.
+    """
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    class_names: list[str]
+    classes: list[int]  # shown foreground classes
+    classes_from: str  # "labels" (image labels of the split) or "prediction" (classifier)
+    cams: np.ndarray  # float32 [len(classes), H, W] in [0, 1]
+    par_label: np.ndarray  # uint8 [H, W], CAM -> PAR -> high/low pseudo label
+    rw_label: np.ndarray | None  # uint8 [H, W], CAM -> random walk -> PAR -> high/low (None: no affinity)
+    seg_label: np.ndarray  # uint8 [H, W], argmax of the segmentation head
+    points: list[tuple[int, int]] = field(default_factory=list)
+    point_classes: list[int] = field(default_factory=list)
+    affinity: np.ndarray | None = None  # float32 [len(points), H, W] in [0, 1]
+    gt: np.ndarray | None = None  # uint8 [H, W]
+    iou: float | None = None  # per-image mIoU of seg_label against gt
+
+
+def image_miou(pred: np.ndarray, gt: np.ndarray | None, num_classes: int, ignore_index: int = 255) -> float | None:
+    """Mean IoU of one image: int [H, W] prediction vs ground truth, over the classes present in either
+    (pixels where gt == ignore_index not counted). None without ground truth or without a valid pixel."""
+    if gt is None:
+        return None
+    valid = (gt != ignore_index) & (gt < num_classes)
+    if not valid.any():
+        return None
+    p = np.clip(pred[valid].astype(np.int64), 0, num_classes - 1)
+    g = gt[valid].astype(np.int64)
+    confusion = np.bincount(g * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean())
+
+
+def panel_tiles(maps: ImageMaps) -> list[list[Tile]]:
+    """The three rows of a panel (module docstring) as tiles."""
+    names = maps.class_names
+    image = maps.image
+    marked = mark_points(image, maps.points) if maps.points else image
+    gt_tile = Tile("ground truth", None if maps.gt is None else colorize_label(maps.gt), nearest=True)
+    rw = None if maps.rw_label is None else colorize_label(maps.rw_label)
+    first = [
+        Tile("input" + (" + query points" if maps.points else ""), marked),
+        Tile("PAR pseudo label (high/low)", colorize_label(maps.par_label), nearest=True),
+        Tile("random-walk label", rw, nearest=True),
+        Tile("seg prediction", colorize_label(maps.seg_label), nearest=True),
+        gt_tile,
+    ]
+    source = "" if maps.classes_from == "labels" else " (predicted)"
+    cams = [Tile(f"CAM {names[c]}{source}", heat_overlay(image, maps.cams[i])) for i, c in enumerate(maps.classes)]
+    affinity = []
+    if maps.affinity is not None:
+        for i, ((y, x), c) in enumerate(zip(maps.points, maps.point_classes)):
+            colour = POINT_COLOURS[i % len(POINT_COLOURS)]
+            picture = mark_points(heat_overlay(image, maps.affinity[i]), [(y, x)], [colour])
+            affinity.append(Tile(f"affinity to {names[c]} pt ({y},{x})", picture))
+    return [row for row in (first, cams, affinity) if row]
+
+
+def legend_entries(maps: ImageMaps) -> list[tuple[str, tuple[int, int, int]]]:
+    """(name, colour) of every class in the shown label maps (and the shown classes), then "ignore"."""
+    labels = [m for m in (maps.par_label, maps.rw_label, maps.seg_label, maps.gt) if m is not None]
+    present = set(int(v) for m in labels for v in np.unique(m))
+    present.update(maps.classes)
+    present.add(0)
+    entries = [(maps.class_names[c], tuple(int(v) for v in VOC_PALETTE[c]))
+               for c in sorted(present) if c < len(maps.class_names)]
+    entries.append(("ignore", tuple(int(v) for v in VOC_PALETTE[IGNORE_VALUE])))
+    return entries
+
+
+def render_panel(maps: ImageMaps, title: str = "", tile_size: int = TILE_SIZE) -> Image.Image:
+    """The full panel of one image (module docstring) -> RGB PIL image, ``COLUMNS`` tiles wide."""
+    if not title:
+        iou = "n/a" if maps.iou is None else f"{100 * maps.iou:.1f}"
+        title = f"image mIoU {iou}"
+    return render_tiles(panel_tiles(maps), title=title, legend=legend_entries(maps), tile_size=tile_size)
+
+
+# --------------------------------------------------------------------------- HTML index
+
+
+@dataclass
+class IndexEntry:
+    """One row of the HTML index."""
+
+    name: str
+    panel: str  # file name of the panel, relative to the index
+    iou: float | None
+    classes: list[str]
+    classes_from: str = "labels"
+
+
+_INDEX_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; background: #fafafa; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }}
+th {{ background: #eee; cursor: pointer; user-select: none; }}
+th.sorted-asc::after {{ content: " \\25B2"; }}
+th.sorted-desc::after {{ content: " \\25BC"; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+img.thumb {{ width: 360px; }}
+</style>
+</head>
+<body>
+<h1>{title}</h1>
+<p>{summary}</p>
+<p>Click a column header to sort; rows start worst first (lowest per-image mIoU, images without
+ground truth last). Per-image mIoU: mean IoU of the segmentation prediction over the classes present in the
+prediction or the ground truth of that image.</p>
+<table id="panels">
+<thead><tr><th data-type="num">#</th><th data-type="text">image</th><th data-type="num" class="sorted-asc">mIoU</th>
+<th data-type="text">classes</th><th data-type="none">panel</th></tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+<script>
+(function () {{
+  const table = document.getElementById("panels");
+  const headers = table.tHead.rows[0].cells;
+  for (let col = 0; col < headers.length; col++) {{
+    const th = headers[col];
+    if (th.dataset.type === "none") continue;
+    th.addEventListener("click", function () {{
+      const asc = !th.classList.contains("sorted-asc");
+      for (const other of headers) other.classList.remove("sorted-asc", "sorted-desc");
+      th.classList.add(asc ? "sorted-asc" : "sorted-desc");
+      const body = table.tBodies[0];
+      const rows = Array.from(body.rows);
+      const key = r => r.cells[col].dataset.sort;
+      rows.sort(function (a, b) {{
+        let x = key(a), y = key(b);
+        if (th.dataset.type === "num") {{
+          // n/a (empty) always last, whichever direction
+          if (x === "" || y === "") return (x === "") - (y === "");
+          x = parseFloat(x); y = parseFloat(y);
+        }}
+        return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1);
+      }});
+      for (const r of rows) body.appendChild(r);
+    }});
+  }}
+}})();
+</script>
+</body>
+</html>
+"""
+
+
+def sort_entries(entries: Sequence[IndexEntry]) -> list[IndexEntry]:
+    """Worst first: ascending per-image mIoU, entries without one (no ground truth) last, then by name."""
+    return sorted(entries, key=lambda e: (e.iou is None, e.iou if e.iou is not None else 0.0, e.name))
+
+
+def write_index(out_dir: str | Path, entries: Sequence[IndexEntry], title: str = "wsss viz", summary: str = "") -> Path:
+    """Write ``out_dir/index.html``: a sortable table of the panels (relative links), worst first."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ious = [e.iou for e in entries if e.iou is not None]
+    if not summary:
+        mean = f"{100 * float(np.mean(ious)):.1f}" if ious else "n/a"
+        summary = f"{len(entries)} images; mean of the per-image mIoU: {mean} ({len(ious)} with ground truth)"
+    rows = []
+    for position, entry in enumerate(sort_entries(entries), start=1):
+        href = html.escape(entry.panel, quote=True)
+        iou_text = "n/a" if entry.iou is None else f"{100 * entry.iou:.1f}"
+        iou_key = "" if entry.iou is None else f"{entry.iou:.6f}"
+        classes = ", ".join(entry.classes) + (" (predicted)" if entry.classes_from == "prediction" else "")
+        rows.append(
+            f'<tr id="{href}"><td class="num" data-sort="{position}">{position}</td>'
+            f'<td data-sort="{html.escape(entry.name, quote=True)}"><a href="{href}">{html.escape(entry.name)}</a></td>'
+            f'<td class="num" data-sort="{iou_key}">{iou_text}</td>'
+            f'<td data-sort="{html.escape(classes, quote=True)}">{html.escape(classes)}</td>'
+            f'<td><a href="{href}"><img class="thumb" src="{href}" alt="{html.escape(entry.name, quote=True)}" '
+            f'loading="lazy"></a></td></tr>'
+        )
+    page = _INDEX_TEMPLATE.format(title=html.escape(title), summary=html.escape(summary), rows="\n".join(rows))
+    path = out_dir / "index.html"
+    path.write_text(page, encoding="utf-8")
+    (out_dir / "index.json").write_text(
+        json.dumps([{"name": e.name, "panel": e.panel, "iou": e.iou, "classes": e.classes}
+                    for e in sort_entries(entries)], indent=1),
+        encoding="utf-8",
+    )
+    return path
