@@ -72,7 +72,7 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, Tensor], source:
 def download_from_hf(repo_id: str, filenames: tuple[str, ...]) -> Path:
     """Download the first of ``filenames`` that ``repo_id`` holds; WsssError when offline."""
     hub = require("huggingface_hub")
-    errors = hub.errors
+    errors = require("huggingface_hub.errors", "huggingface_hub")
     remote_missing = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
     for filename in filenames:
         try:

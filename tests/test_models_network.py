@@ -1,0 +1,134 @@
+"""Specification of the assembled network (wsss/models/network.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from wsss.config import load_config
+from wsss.errors import ConfigError, WsssError
+from wsss.models.network import AFANetwork, build_network
+
+C = 6  # classes incl. background
+
+
+def _network(*overrides: str) -> AFANetwork:
+    torch.manual_seed(0)
+    return build_network(load_config("demo", list(overrides)), C)
+
+
+def test_forward_gives_every_output_with_its_shape():
+    net = _network()
+    out = net(torch.randn(2, 3, 96, 64))
+    assert out.cls_logits.shape == (2, C - 1)
+    assert out.cams.shape == (2, C - 1, 6, 4)
+    assert out.seg_logits.shape == (2, C, 24, 16)
+    assert out.seg_aux == []
+    assert out.affinity.shape == (2, 24, 24)
+    assert len(out.features) == 4
+
+
+def test_forward_skips_what_is_not_asked():
+    out = _network()(torch.randn(1, 3, 64, 64), with_seg=False, with_affinity=False)
+    assert out.seg_logits is None and out.affinity is None and out.cls_logits.shape == (1, C - 1)
+
+
+class _Refuse(nn.Module):
+    def forward(self, *args):
+        raise AssertionError("cam_forward must not run the seg head")
+
+
+def test_cam_forward_runs_backbone_and_classifier_only_with_attention_only_when_asked():
+    net = _network().eval()
+    net.seg_head = _Refuse()
+    asked = []
+    backbone_forward = net.backbone.forward
+
+    def spy(x, with_attn=False):
+        asked.append(with_attn)
+        return backbone_forward(x, with_attn)
+
+    net.backbone.forward = spy
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        cams, affinity = net.cam_forward(images, with_affinity=False)
+        cams_aff, affinity_aff = net.cam_forward(images, with_affinity=True)
+        reference = net(images, with_seg=False, with_affinity=True)
+    assert asked == [False, True, True]
+    assert affinity is None and affinity_aff.shape == (2, 16, 16)
+    torch.testing.assert_close(cams, reference.cams)
+    torch.testing.assert_close(cams_aff, reference.cams, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(affinity_aff, reference.affinity)
+
+
+def test_affinity_loss_trains_the_last_blocks_query_and_key():
+    net = _network()
+    net(torch.randn(1, 3, 64, 64), with_seg=False).affinity.mean().backward()
+    attn = net.backbone.block4[-1].attn
+    assert attn.q.weight.grad.abs().sum() > 0 and attn.kv.weight.grad.abs().sum() > 0
+    assert net.classifier.classifier.weight.grad is None  # only the affinity path was used
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_param_groups_cover_every_trainable_parameter_once_with_their_lr(freeze):
+    cfg = load_config("demo", [f"train.freeze_backbone_norm={freeze}", "train.lr=1e-4", "train.head_lr_mult=10"])
+    net = build_network(cfg, C)
+    groups = net.param_groups(cfg.train)
+    assert [g["name"] for g in groups] == ["backbone", "backbone_norm", "cam_afa_heads", "seg_head"]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in net.parameters() if p.requires_grad}
+    by_name = {g["name"]: g for g in groups}
+    norm_mult = 0.0 if freeze else 1.0
+    for name, mult in [("backbone", 1.0), ("backbone_norm", norm_mult), ("cam_afa_heads", 10.0), ("seg_head", 10.0)]:
+        assert by_name[name]["lr_mult"] == mult
+        assert by_name[name]["lr"] == pytest.approx(1e-4 * mult)
+        assert by_name[name]["weight_decay"] == cfg.train.weight_decay
+    norms = {id(p) for m in net.backbone.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    assert {id(p) for p in by_name["backbone_norm"]["params"]} == norms
+    heads = {id(p) for p in [*net.classifier.parameters(), *net.affinity_head.parameters()]}
+    assert {id(p) for p in by_name["cam_afa_heads"]["params"]} == heads
+
+
+def test_frozen_norms_do_not_move_under_adamw():
+    cfg = load_config("demo")
+    net = build_network(cfg, C)
+    optimizer = torch.optim.AdamW(net.param_groups(cfg.train), betas=tuple(cfg.train.betas))
+    norm = net.backbone.norm4.weight.detach().clone()
+    q = net.backbone.block4[-1].attn.q.weight.detach().clone()
+    out = net(torch.randn(2, 3, 64, 64))
+    (out.cls_logits.sum() + out.seg_logits.mean() + out.affinity.mean()).backward()
+    optimizer.step()
+    assert torch.equal(net.backbone.norm4.weight, norm)
+    assert not torch.equal(net.backbone.block4[-1].attn.q.weight, q)
+
+
+def test_mask_decoder_seg_head_returns_deep_supervision():
+    net = _network("model.seg_head=mask_decoder", "model.mask_decoder.num_layers=2",
+                   "model.mask_decoder.num_queries=8", "model.mask_decoder.hidden_dim=32",
+                   "model.mask_decoder.ffn_dim=64")
+    out = net(torch.randn(1, 3, 64, 64), with_affinity=False)
+    assert out.seg_logits.shape == (1, C, 16, 16)
+    assert len(out.seg_aux) == 2 and all(a.shape == out.seg_logits.shape for a in out.seg_aux)
+
+
+def test_missing_mask_decoder_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wsss.models.mask_decoder", None)  # import now fails
+    with pytest.raises(WsssError, match="model.seg_head='mask_decoder' needs wsss/models/mask_decoder.py"):
+        _network("model.seg_head=mask_decoder")
+
+
+def test_a_timm_vit_network_end_to_end():
+    net = _network("model.backbone=timm:vit_tiny_patch16_224")
+    out = net(torch.randn(1, 3, 64, 96))
+    assert out.cams.shape == (1, C - 1, 4, 6)
+    assert out.affinity.shape == (1, 24, 24)
+    assert out.seg_logits.shape == (1, C, 4, 6)  # ViT: stage 1 is at the patch stride
+
+
+def test_fewer_than_two_classes_is_a_config_error():
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        build_network(load_config("demo"), 1)
