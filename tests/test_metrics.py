@@ -1,0 +1,110 @@
+"""ConfusionMatrix: hand-computed IoUs, ignore, absent classes, numpy/tensor parity, merge, table."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from wsss.engine.metrics import ConfusionMatrix, format_table
+
+# 4 classes; class 3 appears in neither ground truth nor prediction.
+GT = np.array([[0, 0, 1, 1],
+               [0, 2, 2, 255],
+               [1, 1, 2, 255]], dtype=np.uint8)
+PRED = np.array([[0, 1, 1, 1],
+                 [0, 2, 0, 2],
+                 [1, 2, 2, 0]], dtype=np.uint8)
+# Counted pixels (gt != 255): 10.  Confusion (rows gt, cols pred):
+#   gt0: pred0 x2, pred1 x1          -> 3 pixels
+#   gt1: pred1 x3, pred2 x1          -> 4 pixels
+#   gt2: pred0 x1, pred2 x2          -> 3 pixels
+EXPECTED = np.array([[2, 1, 0, 0],
+                     [0, 3, 1, 0],
+                     [1, 0, 2, 0],
+                     [0, 0, 0, 0]])
+# IoU: c0 = 2 / (3 + 3 - 2) = 0.5; c1 = 3 / (4 + 4 - 3) = 0.6; c2 = 2 / (3 + 3 - 2) = 0.5; c3 = NaN.
+EXPECTED_IOU = [50.0, 60.0, 50.0]
+
+
+def test_confusion_matrix_matches_hand_count_and_ignores_255():
+    cm = ConfusionMatrix(4)
+    cm.update(PRED, GT)
+    np.testing.assert_array_equal(cm.matrix.numpy(), EXPECTED)
+    result = cm.compute()
+    assert result["iou"][:3] == pytest.approx(EXPECTED_IOU)
+    assert math.isnan(result["iou"][3])
+    assert result["miou"] == pytest.approx(sum(EXPECTED_IOU) / 3)  # class 3 left out of the mean
+    assert result["pixel_acc"] == pytest.approx(70.0)  # 7 of 10 counted pixels
+    assert result["mean_acc"] == pytest.approx(100 * (2 / 3 + 3 / 4 + 2 / 3) / 3)
+    assert result["num_pixels"] == 10 and result["num_classes"] == 4
+
+
+def test_class_predicted_but_absent_from_ground_truth_has_iou_zero_and_counts():
+    cm = ConfusionMatrix(3)
+    cm.update(np.array([0, 2, 1]), np.array([0, 1, 1]))
+    result = cm.compute()
+    assert result["iou"][2] == 0.0
+    assert result["miou"] == pytest.approx((100 + 50 + 0) / 3)
+
+
+def test_tensor_and_numpy_inputs_give_the_same_matrix():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 5, size=(2, 17, 23)).astype(np.uint8)
+    gt[:, :3] = 255
+    pred = rng.integers(0, 5, size=(2, 17, 23)).astype(np.int64)
+    a, b = ConfusionMatrix(5), ConfusionMatrix(5)
+    a.update(pred, gt)
+    b.update(torch.from_numpy(pred), torch.from_numpy(gt).long())
+    np.testing.assert_array_equal(a.matrix.numpy(), b.matrix.numpy())
+    assert a.compute() == b.compute()
+
+
+def test_accumulates_over_updates_like_one_big_update():
+    rng = np.random.default_rng(1)
+    gts = [rng.integers(0, 3, size=(5, 7)) for _ in range(3)]
+    preds = [rng.integers(0, 3, size=(5, 7)) for _ in range(3)]
+    one, many = ConfusionMatrix(3), ConfusionMatrix(3)
+    one.update(np.stack(preds), np.stack(gts))
+    for p, g in zip(preds, gts):
+        many.update(p, g)
+    np.testing.assert_array_equal(one.matrix.numpy(), many.matrix.numpy())
+
+
+def test_out_of_range_prediction_counts_as_false_negative_only():
+    cm = ConfusionMatrix(2)
+    cm.update(np.array([255, 1, 0]), np.array([1, 1, 0]))
+    result = cm.compute()
+    # class 1: TP 1, FN 1 (the 255), FP 0 -> 0.5; class 0: TP 1 -> 1.0
+    assert result["iou"] == pytest.approx([100.0, 50.0])
+    assert result["pixel_acc"] == pytest.approx(100 * 2 / 3)
+
+
+def test_merge_adds_counts_and_reduce_is_a_noop_without_distributed():
+    a, b = ConfusionMatrix(4), ConfusionMatrix(4)
+    a.update(PRED[:2], GT[:2])
+    b.update(PRED[2:], GT[2:])
+    a.merge(b).reduce_()
+    np.testing.assert_array_equal(a.matrix.numpy(), EXPECTED)
+
+
+def test_empty_matrix_gives_nan_not_an_error():
+    result = ConfusionMatrix(3).compute()
+    assert math.isnan(result["miou"]) and result["num_pixels"] == 0
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        ConfusionMatrix(3).update(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_format_table_lists_classes_miou_and_pixel_accuracy():
+    cm = ConfusionMatrix(4, class_names=["background", "cat", "dog", "bird"])
+    cm.update(PRED, GT)
+    text = format_table(cm.compute())
+    assert "cat" in text and "60.00" in text
+    assert f"{sum(EXPECTED_IOU) / 3:.2f}" in text
+    assert "pixel accuracy" in text and "70.00" in text
+    assert "n/a" in text  # the absent class
