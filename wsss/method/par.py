@@ -1,0 +1,140 @@
+"""PAR: Pixel-Adaptive Refinement of class masks (Ru et al., CVPR 2022, sec. 3.3).
+
+Each pixel i is linked to 48 neighbours j: the 8 pixels of a 3x3 stencil at every
+dilation of ``par.dilations`` (1, 2, 4, 8, 12, 24), with replicate padding. The
+pixel-adaptive kernel is
+
+    k_rgb(i, j) = -mean_rgb (|I_i - I_j| / (sigma_i + 1e-8) / w1)^2
+    k_pos(i, j) = -(d_ij / (sigma_d + 1e-8) / w1)^2
+    kernel(i, j) = softmax_j k_rgb(i, j) + w2 * softmax_j k_pos(i, j)
+
+with sigma_i the (unbiased) std of the 48 neighbour intensities of pixel i, per RGB
+channel, d_ij the dilation (axial neighbours) or sqrt(2) * dilation (diagonal ones) and
+sigma_d the std of those 48 distances. The masks are then updated ``iterations`` times
+with m_i <- sum_j kernel(i, j) m_j.
+
+The update is the reference formula without renormalization: every kernel row sums to
+1 + w2, so a constant mask c comes out as c * (1 + w2) ** iterations (1.105 for the
+defaults) and so do per-pixel sums of probabilities; per-pixel argmax decisions are not
+affected by this common factor.
+
+Speed: the kernel is computed once per image and applied to every mask set of that
+image in one call (stack them along M). Each iteration pads the masks once, to the
+largest dilation (replicate padding is clamping, so one wide pad serves every dilation),
+and accumulates the 48 shifted *views* of that one tensor with in-place ``addcmul_``;
+the [B, M, 48, H, W] neighbour tensor of the straightforward formulation is never built.
+See ``bench/par.py`` for the measured speed-up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wsss.config import ParConfig
+
+# The 3x3 stencil without its centre, row-major: the neighbour order of the reference code.
+STENCIL = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+# Guards the divisions by a standard deviation (reference value).
+STD_EPS = 1e-8
+
+
+def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
+    """(dy, dx) of the 8 * len(dilations) neighbours, dilation-major, stencil order inside."""
+    return [(dy * d, dx * d) for d in dilations for dy, dx in STENCIL]
+
+
+def neighbour_distances(dilations: Sequence[int]) -> list[float]:
+    """Distance of each neighbour of ``neighbour_offsets``: d (axial) or sqrt(2) * d (diagonal)."""
+    return [d * (math.sqrt(2.0) if dy and dx else 1.0) for d in dilations for dy, dx in STENCIL]
+
+
+def _shifted_views(x: Tensor, dilations: Sequence[int]) -> Iterator[Tensor]:
+    """Yield, per neighbour, x [..., H, W] shifted so position i holds neighbour j's value.
+
+    Pads once (replicate) to the largest dilation and yields views of that tensor.
+    """
+    h, w = x.shape[-2:]
+    pad = max(dilations)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    for dy, dx in neighbour_offsets(dilations):
+        yield padded[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+
+
+def position_kernel(dilations: Sequence[int], w1: float, w2: float, device=None) -> Tensor:
+    """w2 * softmax_j k_pos(j) -> [n] (n = 8 * len(dilations)), the same for every pixel."""
+    dist = torch.tensor(neighbour_distances(dilations), dtype=torch.float32, device=device)
+    logits = -(dist / (dist.std() + STD_EPS) / w1).square()
+    return w2 * logits.softmax(dim=0)
+
+
+def par_kernel(images: Tensor, dilations: Sequence[int], w1: float, w2: float) -> Tensor:
+    """Pixel-adaptive kernel of the images.
+
+    images [B, 3, H, W] RGB in [0, 1] (any per-channel affine normalization gives the same
+    kernel, up to the 1e-8 guard) -> kernel [B, n, H, W] float32 with n = 8 * len(dilations),
+    kernel[:, j] the weight of neighbour j (order of ``neighbour_offsets``); rows sum to 1 + w2.
+    """
+    images = images.float()
+    n = len(dilations) * len(STENCIL)
+    # [B, 3, n, H, W]: built once per call (not per iteration), it gives a two-pass std.
+    neighbours = torch.stack(list(_shifted_views(images, dilations)), dim=2)
+    mean = neighbours.mean(dim=2, keepdim=True)
+    # unbiased std as torch.std, via the norm of the deviations (torch.std is slow on CPU)
+    std = torch.linalg.vector_norm(neighbours - mean, dim=2, keepdim=True).div_(math.sqrt(n - 1))
+    inv_sigma = std.add_(STD_EPS).reciprocal_()
+    scaled = neighbours.sub_(images.unsqueeze(2)).mul_(inv_sigma).square_()  # (|I_i - I_j| / sigma_i)^2
+    k_rgb = scaled.mean(dim=1).mul_(-1.0 / (w1 * w1))  # mean over RGB -> [B, n, H, W]
+    kernel = k_rgb.softmax(dim=1)
+    return kernel.add_(position_kernel(dilations, w1, w2, kernel.device).view(1, n, 1, 1))
+
+
+def apply_par_kernel(masks: Tensor, kernel: Tensor, dilations: Sequence[int], iterations: int) -> Tensor:
+    """masks [B, M, H, W], kernel [B, n, H, W] from ``par_kernel`` -> refined masks [B, M, H, W] float32.
+
+    ``iterations`` times m_i <- sum_j kernel(i, j) m_j, every mask of an image with that
+    image's kernel.
+    """
+    masks = masks.float()
+    kernel = kernel.float()
+    n = kernel.shape[1]
+    if n != len(dilations) * len(STENCIL) or kernel.shape[-2:] != masks.shape[-2:]:
+        raise ValueError(
+            f"PAR kernel of shape {tuple(kernel.shape)} does not fit masks {tuple(masks.shape)} "
+            f"and dilations {list(dilations)} (expected [B, {len(dilations) * len(STENCIL)}, H, W])"
+        )
+    weights = [kernel[:, j : j + 1] for j in range(n)]  # [B, 1, H, W] each, broadcast over M
+    for _ in range(iterations):
+        views = _shifted_views(masks, dilations)
+        out = torch.mul(next(views), weights[0])
+        for view, weight in zip(views, weights[1:]):
+            out.addcmul_(view, weight)
+        masks = out
+    return masks
+
+
+def refine_with_par(images: Tensor, masks: Tensor, par_cfg: ParConfig) -> Tensor:
+    """PAR at the images' resolution.
+
+    images [B, 3, H, W] RGB in [0, 1]; masks [B, M, h, w] (any number M of masks per image,
+    e.g. the class probabilities of several thresholds stacked), bilinearly resized to
+    H x W when h x w differs -> refined masks [B, M, H, W] float32. The kernel is computed
+    once and applied to all M masks. Callers pick the resolution (``par_cfg.scale`` of the
+    input in the pseudo-label functions of ``wsss.method.cam``).
+    """
+    size = images.shape[-2:]
+    masks = masks.float()
+    if masks.shape[-2:] != size:
+        masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+    kernel = par_kernel(images, par_cfg.dilations, par_cfg.w1, par_cfg.w2)
+    return apply_par_kernel(masks, kernel, par_cfg.dilations, par_cfg.iterations)
+
+
+__all__ = [
+    "STENCIL", "apply_par_kernel", "neighbour_distances", "neighbour_offsets", "par_kernel",
+    "position_kernel", "refine_with_par",
+]
