@@ -108,3 +108,12 @@ def test_format_table_lists_classes_miou_and_pixel_accuracy():
     assert f"{sum(EXPECTED_IOU) / 3:.2f}" in text
     assert "pixel accuracy" in text and "70.00" in text
     assert "n/a" in text  # the absent class
+
+
+def test_matrix_first_filled_under_inference_mode_can_be_merged_afterwards():
+    a, b = ConfusionMatrix(4), ConfusionMatrix(4)
+    with torch.inference_mode():
+        a.update(torch.from_numpy(PRED), torch.from_numpy(GT))
+    b.update(PRED, GT)
+    a.merge(b)  # in place on a's counts, outside inference mode
+    np.testing.assert_array_equal(a.matrix.numpy(), 2 * EXPECTED)

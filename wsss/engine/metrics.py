@@ -71,7 +71,10 @@ class ConfusionMatrix:
 
     def _zeros(self, device: torch.device) -> Tensor:
         c = self.num_classes
-        return torch.zeros(c * (c + 1) + 1, dtype=torch.int64, device=device)
+        # a normal tensor even when first used under torch.inference_mode, so that
+        # merge / reduce_ can update it in place afterwards
+        with torch.inference_mode(False):
+            return torch.zeros(c * (c + 1) + 1, dtype=torch.int64, device=device)
 
     def reset(self) -> None:
         if self._counts is not None:
