@@ -1,0 +1,224 @@
+"""Class activation maps and the pseudo labels made from them (AFA, Ru et al., CVPR 2022, sec. 3.1 / 3.3).
+
+- ``multiscale_cam``: multi-scale + flip CAMs, min-max normalized per class, absent classes zero.
+- ``cam_to_label``: one background threshold (evaluation).
+- ``refine_cams_to_label``: the training pseudo label: background channel at a high and a low
+  threshold, softmax over background + present classes, PAR, high/low combination.
+- ``refine_probs_to_label``: the same combination for already-propagated probabilities
+  (the AFA random-walk branch).
+- ``ignore_outside_box``: ignore the padding of a padded crop.
+
+Shapes: B batch, K foreground classes, C = K + 1 (background = channel 0), H x W input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wsss.config import CamConfig, ParConfig
+from wsss.method.par import refine_with_par
+
+# Min-max normalization guard: cam / (max + 1e-5) (reference value).
+CAM_NORM_EPS = 1e-5
+
+CamFn = Callable[[Tensor, bool], "tuple[Tensor, Tensor | None]"]
+
+
+def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
+    """(int(h * scale), int(w * scale)), at least 1 pixel (the reference code's rounding)."""
+    return max(1, int(size[0] * scale)), max(1, int(size[1] * scale))
+
+
+def multiscale_cam(
+    cam_fn: CamFn,
+    images: Tensor,
+    labels: Tensor,
+    scales: Sequence[float],
+    flip: bool = True,
+    affinity_scale: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Multi-scale (+ horizontal flip) CAMs, without gradients.
+
+    cam_fn(images [B', 3, h, w], with_affinity) -> (raw cams [B', K, h', w'], affinity
+    [B', N, N] | None); it must run only the CAM path of the network (no segmentation head).
+    images [B, 3, H, W] (network-normalized), labels [B, K] multi-hot.
+
+    Per scale s: the image resized to (int(s*H), int(s*W)) and its flip go through ONE
+    cam_fn call (batch 2B); CAMs are resized to H x W, the flipped half is un-flipped and
+    the elementwise max taken, then ReLU. The scales are summed, each channel is min-max
+    normalized ((cam - min) / (max + 1e-5)) and absent classes are zeroed.
+    -> cams [B, K, H, W] float32 in [0, 1]; affinity [B, N, N] of the ``affinity_scale``
+    pass (non-flipped half; asked for at that scale only), or None.
+    """
+    if not scales:
+        raise ValueError("multiscale_cam needs at least one scale")
+    if affinity_scale is not None and affinity_scale not in scales:
+        raise ValueError(f"affinity_scale {affinity_scale} must be one of the CAM scales {list(scales)}")
+    b = images.shape[0]
+    size = images.shape[-2:]
+    total: Tensor | None = None
+    affinity = None
+    with torch.no_grad():
+        for scale in scales:
+            x = images if scale == 1.0 else _resize(images, scaled_size(size, scale))
+            if flip:
+                x = torch.cat([x, x.flip(-1)], dim=0)
+            with_affinity = affinity_scale is not None and scale == affinity_scale
+            cams, aff = cam_fn(x, with_affinity)
+            cams = _resize(cams.float(), size)
+            if flip:
+                cams = torch.maximum(cams[:b], cams[b:].flip(-1))
+            if with_affinity:
+                affinity = aff[:b] if aff is not None else None
+            cams = F.relu(cams)
+            total = cams if total is None else total.add_(cams)
+        assert total is not None
+        total = total - total.amin(dim=(-2, -1), keepdim=True)
+        total = total / (total.amax(dim=(-2, -1), keepdim=True) + CAM_NORM_EPS)
+        total = total * labels.to(total.dtype)[:, :, None, None]
+    return total, affinity
+
+
+def ignore_outside_box(label: Tensor, valid_box: Tensor | None, ignore_index: int = 255) -> Tensor:
+    """label [B, H, W]; valid_box long [B, 4] = (y0, y1, x0, x1), half-open -> label with
+    ``ignore_index`` outside each image's box (a new tensor; None = label unchanged)."""
+    if valid_box is None:
+        return label
+    h, w = label.shape[-2:]
+    box = valid_box.to(label.device)
+    y0, y1, x0, x1 = (box[:, i].view(-1, 1, 1) for i in range(4))
+    ys = torch.arange(h, device=label.device).view(1, h, 1)
+    xs = torch.arange(w, device=label.device).view(1, 1, w)
+    inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+    return label.masked_fill(~inside, ignore_index)
+
+
+def cam_to_label(
+    cams: Tensor,
+    labels: Tensor,
+    bg_threshold: float,
+    valid_box: Tensor | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """cams [B, K, H, W] in [0, 1], labels [B, K] -> long [B, H, W] in 0..K (+ ignore outside the box).
+
+    The argmax over a constant background channel (= bg_threshold) and the label-masked CAMs:
+    a pixel is class k + 1 if cam_k is the largest present CAM and exceeds the threshold,
+    else background (ties go to background).
+    """
+    valid = cams.float() * labels.float()[:, :, None, None]
+    score, index = valid.max(dim=1)
+    label = torch.where(score > bg_threshold, index + 1, torch.zeros_like(index))
+    return ignore_outside_box(label, valid_box, ignore_index)
+
+
+def cams_with_background(cams: Tensor, labels: Tensor, bg_scores: Sequence[float]) -> Tensor:
+    """Class probabilities with a constant background score, one set per score.
+
+    cams [B, K, h, w], labels [B, K] -> probs [B, S, C, h, w] float32 (S = len(bg_scores)):
+    softmax over {background (= score) + present classes}; absent classes are masked with
+    -inf before the softmax, so their probability is exactly 0.
+    """
+    cams = cams.float()
+    b, k, h, w = cams.shape
+    scores = torch.tensor(list(bg_scores), dtype=cams.dtype, device=cams.device)
+    bg = scores.view(1, -1, 1, 1, 1).expand(b, -1, 1, h, w)
+    logits = torch.cat([bg, cams.unsqueeze(1).expand(-1, len(bg_scores), -1, -1, -1)], dim=2)
+    present = torch.cat([labels.new_ones(b, 1), labels], dim=1) > 0  # [B, C]
+    logits = logits.masked_fill(~present[:, None, :, None, None], float("-inf"))
+    return logits.softmax(dim=2)
+
+
+def combine_high_low(label_high: Tensor, label_low: Tensor, ignore_index: int = 255) -> Tensor:
+    """The AFA rule: foreground from the high-threshold label; where it says background the
+    pixel is ignored unless the low-threshold label says background too (then 0)."""
+    background = torch.zeros_like(label_high)
+    return torch.where(
+        label_high == 0,
+        torch.where(label_low == 0, background, torch.full_like(label_high, ignore_index)),
+        label_high,
+    )
+
+
+def _par_high_low_label(
+    images01: Tensor,
+    probs: Tensor,
+    par_cfg: ParConfig,
+    valid_box: Tensor | None,
+    ignore_index: int,
+) -> Tensor:
+    """images01 [B, 3, H, W], probs [B, 2, C, h, w] (high, low) -> long [B, H, W].
+
+    PAR at par_cfg.scale of H x W (one call for both sets), upsample, argmax, combine, box.
+    """
+    b, s, c = probs.shape[:3]
+    size = images01.shape[-2:]
+    par_size = scaled_size(size, par_cfg.scale)
+    images = _resize(images01.float(), par_size)
+    refined = refine_with_par(images, probs.reshape(b, s * c, *probs.shape[-2:]), par_cfg)
+    refined = _resize(refined, size).view(b, s, c, *size)
+    label_high, label_low = refined.argmax(dim=2).unbind(dim=1)
+    return ignore_outside_box(combine_high_low(label_high, label_low, ignore_index), valid_box, ignore_index)
+
+
+def refine_cams_to_label(
+    images01: Tensor,
+    cams: Tensor,
+    labels: Tensor,
+    cam_cfg: CamConfig,
+    par_cfg: ParConfig,
+    valid_box: Tensor | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """The PAR-refined CAM pseudo label (afa.md sec. 2).
+
+    images01 [B, 3, H, W] de-normalized RGB in [0, 1]; cams [B, K, H, W] from ``multiscale_cam``;
+    labels [B, K]; valid_box long [B, 4] or None -> long [B, H, W] with 0 = background,
+    1..K = classes, ignore_index = uncertain or padding.
+
+    CAMs are resized to par_cfg.scale of H x W; a background channel at
+    cam_cfg.bg_threshold_high and one at bg_threshold_low give two probability sets
+    (softmax over background + present classes), both refined by ONE PAR call, upsampled
+    back, argmaxed and combined: foreground only where it beats the high threshold,
+    background only where it loses even to the low one, the band in between ignored.
+    """
+    par_size = scaled_size(images01.shape[-2:], par_cfg.scale)
+    cams = _resize(cams.float(), par_size)
+    probs = cams_with_background(cams, labels, (cam_cfg.bg_threshold_high, cam_cfg.bg_threshold_low))
+    return _par_high_low_label(images01, probs, par_cfg, valid_box, ignore_index)
+
+
+def refine_probs_to_label(
+    images01: Tensor,
+    probs_high: Tensor,
+    probs_low: Tensor,
+    par_cfg: ParConfig,
+    valid_box: Tensor | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """The AFA-branch pseudo label from propagated probabilities (afa.md sec. 3).
+
+    images01 [B, 3, H, W] in [0, 1]; probs_high / probs_low [B, C, h, w] (random-walk output
+    for the high / low background score, e.g. at the token grid) -> long [B, H, W].
+    The probabilities are upsampled to H x W, PAR-refined at par_cfg.scale (one call for
+    both), upsampled back, argmaxed and combined with ``combine_high_low``.
+    """
+    size = images01.shape[-2:]
+    probs = torch.stack([_resize(probs_high.float(), size), _resize(probs_low.float(), size)], dim=1)
+    return _par_high_low_label(images01, probs, par_cfg, valid_box, ignore_index)
+
+
+__all__ = [
+    "CAM_NORM_EPS", "cam_to_label", "cams_with_background", "combine_high_low", "ignore_outside_box",
+    "multiscale_cam", "refine_cams_to_label", "refine_probs_to_label", "scaled_size",
+]
