@@ -1,0 +1,750 @@
+"""End-to-end AFA training (Ru et al., CVPR 2022; design notes afa.md sec. 2-5).
+
+One iteration (:func:`train_step`), t = optimizer steps done before it::
+
+    network(images)                      cls logits, CAMs, seg logits, affinity A  (grad)
+    t < train.cam_iters:                 loss = cls_w * L_cls          (CAM-only warm-up)
+    otherwise, without gradients:
+      multiscale_cam(cam_forward)        CAMs [B, K, H, W]; affinity of the afa.affinity_scale pass
+      refine_cams_to_label               high/low thresholds + PAR -> label (255 = ignore)
+      affinity_labels                    label nearest-downsampled to the main pass's token grid
+      t >= train.afa_label_iter:         random walk of the CAMs with the multi-scale affinity,
+                                         high/low + PAR -> AFA label (the seg target from then on)
+    loss = cls_w * L_cls + seg_w * L_seg(target) + aff_w * L_aff(A, affinity labels)
+    backward, AdamW step, warm-up + poly schedule
+
+Network passes run under ``torch.autocast`` when ``train.precision`` is bf16 / fp16
+(GradScaler for fp16); everything after them (thresholds, PAR, random walk, losses) runs
+outside autocast in float32. No host synchronisation in the loop: losses are summed as
+tensors and read (``.item()``) only every ``train.log_interval`` iterations.
+
+:func:`train` adds the rest: torchrun / DDP (:mod:`wsss.engine.distributed`), an infinite
+loader over epochs with exact mid-epoch resume, checkpoints (:mod:`wsss.engine.checkpoint`),
+validation (:func:`wsss.engine.inference.validate`), tqdm, TensorBoard and the run files::
+
+    <train.work_dir>/config.yaml  versions.json  train.log  last.pt  best.pt  tb/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from wsss.config import Config, config_from_dict
+from wsss.data.transforms import denormalize
+from wsss.engine import distributed as du
+from wsss.engine.checkpoint import (
+    BEST_NAME, LAST_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, software_versions,
+)
+from wsss.engine.schedule import build_scheduler
+from wsss.errors import DatasetError, WsssError
+from wsss.method.affinity import affinity_labels, label_to_grid, propagate_cams
+from wsss.method.cam import multiscale_cam, refine_cams_to_label, refine_probs_to_label
+from wsss.method.losses import affinity_loss, balanced_seg_loss, classification_loss
+
+logger = logging.getLogger(__name__)
+
+LOSS_NAMES = ("total", "cls", "seg", "aff")
+VAL_KEYS = ("cam", "afa", "seg")
+MAX_LOGGED_IMAGES = 4  # images of a batch shown in a TensorBoard grid
+
+
+# --------------------------------------------------------------------------- timing hook
+
+
+class PhaseTimer:
+    """Wall time per phase of :func:`train_step` (for ``bench/train_step.py``).
+
+    ``with timer.phase("forward"): ...`` adds the block's seconds to ``timer.totals["forward"]``;
+    on CUDA the device is synchronised at both ends so the time belongs to the phase. The
+    trainer passes no timer (``NO_TIMER``), which costs nothing and never synchronises.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] += time.perf_counter() - start
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+
+class _NoTimer:
+    @staticmethod
+    def phase(name: str) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+
+NO_TIMER = _NoTimer()
+
+
+# --------------------------------------------------------------------------- pieces of a step
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for ``train.precision`` (bf16 also on CPU); a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def cam_path_is_deterministic(network: nn.Module) -> bool:
+    """True when a CAM-path pass (backbone + classifier + affinity head) has no randomness and no
+    batch dependence now: no active dropout / drop-path, no BatchNorm using batch statistics.
+    Only then may the main pass's CAMs stand in for a separate no-grad pass of the same images."""
+    if not network.training:
+        return True
+    parts = [network.backbone, network.classifier, network.affinity_head]
+    for module in (m for part in parts for m in part.modules()):
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return False
+        if getattr(module, "drop_prob", 0.0) > 0:  # timm DropPath
+            return False
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return False
+    return True
+
+
+@dataclass
+class PseudoLabels:
+    cams: Tensor  # [B, K, H, W] multi-scale CAMs in [0, 1]
+    label: Tensor  # long [B, H, W] PAR-refined CAM label (255 = ignore)
+    affinity: Tensor | None  # [B, N', N'] affinity of the afa.affinity_scale pass
+    affinity_grid: tuple[int, int] | None  # its token grid (h', w')
+    afa_label: Tensor | None = None  # long [B, H, W] random walk + PAR label
+
+
+def make_pseudo_labels(
+    network: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    valid_box: Tensor,
+    cfg: Config,
+    with_afa: bool,
+    main_output: Any = None,
+    timer: PhaseTimer | _NoTimer = NO_TIMER,
+) -> PseudoLabels:
+    """The no-grad half of an iteration: multi-scale CAM -> PAR label (-> AFA label).
+
+    ``network`` is the bare AFANetwork (not DDP). ``main_output`` (the training pass's
+    NetworkOutput of the same images) replaces the scale-1, non-flipped CAM pass when that is
+    exact (:func:`cam_path_is_deterministic`); with drop-path active it would be a different
+    random sample than a separate pass, so it is not reused.
+    """
+    device = images.device
+    precision = cfg.train.precision
+    batch = images.shape[0]
+    reuse = main_output is not None and cam_path_is_deterministic(network)
+    grid: dict[str, tuple[int, int]] = {}
+
+    def cam_fn(x: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
+        # multiscale_cam passes the unscaled images first (then their flip) at scale 1
+        same = reuse and x.shape[-2:] == images.shape[-2:] and x.shape[0] in (batch, 2 * batch)
+        if same and with_affinity and main_output.affinity is None:
+            same = False
+        with autocast(device, precision):
+            if not same:
+                cams, aff = network.cam_forward(x, with_affinity)
+            else:
+                cams, aff = main_output.cams.detach(), main_output.affinity
+                aff = aff.detach() if with_affinity and aff is not None else None
+                if x.shape[0] == 2 * batch:
+                    flip_cams, flip_aff = network.cam_forward(x[batch:], with_affinity)
+                    cams = torch.cat([cams, flip_cams.to(cams.dtype)])
+                    aff = torch.cat([aff, flip_aff.to(aff.dtype)]) if aff is not None else None
+        if with_affinity:
+            grid["affinity"] = (int(cams.shape[-2]), int(cams.shape[-1]))
+        return cams, aff
+
+    with torch.no_grad():
+        with timer.phase("multiscale_cam"):
+            cams, affinity = multiscale_cam(cam_fn, images, labels, cfg.cam.scales, cfg.cam.flip,
+                                            cfg.afa.affinity_scale)
+        images01 = denormalize(images.float(), cfg.data.mean, cfg.data.std)
+        ignore = cfg.data.ignore_index
+        with timer.phase("pseudo_label_par"):
+            label = refine_cams_to_label(images01, cams, labels, cfg.cam, cfg.par, valid_box, ignore)
+        out = PseudoLabels(cams, label, affinity, grid.get("affinity"))
+        if with_afa and affinity is not None:
+            with timer.phase("affinity_random_walk"):
+                probs = propagate_cams(cams, labels, affinity, (cfg.cam.bg_threshold_high, cfg.cam.bg_threshold_low),
+                                       cfg.afa, grid_size=out.affinity_grid)
+            with timer.phase("pseudo_label_par"):
+                out.afa_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, valid_box, ignore)
+    return out
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, Tensor]  # detached float32 scalars: total, cls, seg, aff
+    seg_logits: Tensor | None = None  # detached seg logits of the training pass (None in the warm-up)
+    pseudo: PseudoLabels | None = None  # None in the warm-up
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, Any],
+    iteration: int,
+    cfg: Config,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+    timer: PhaseTimer | _NoTimer = NO_TIMER,
+) -> StepResult:
+    """One AFA iteration (module docstring); ``iteration`` = optimizer steps done before it.
+
+    ``model`` is the AFANetwork, or its DistributedDataParallel wrapper. batch: ``image``
+    [B, 3, S, S] normalized, ``label`` [B, K], ``valid_box`` long [B, 4].
+    """
+    tc = cfg.train
+    network = unwrap(model)
+    warmup = iteration < tc.cam_iters
+    use_afa_label = iteration >= tc.afa_label_iter
+    images = batch["image"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    valid_box = batch["valid_box"].to(device, non_blocking=True)
+
+    with timer.phase("forward"), autocast(device, tc.precision):
+        # warm-up: only what the classification loss needs (no seg head, no attention logits)
+        out = model(images, with_seg=not warmup, with_affinity=not warmup)
+
+    pseudo = None
+    if not warmup:
+        pseudo = make_pseudo_labels(network, images, labels, valid_box, cfg, use_afa_label, out, timer)
+
+    with timer.phase("losses"):
+        cls_loss = classification_loss(out.cls_logits.float(), labels)
+        zero = cls_loss.new_zeros(())
+        seg_loss = aff_loss = zero
+        total = tc.cls_loss_weight * cls_loss
+        if pseudo is not None:
+            target = pseudo.afa_label if use_afa_label and pseudo.afa_label is not None else pseudo.label
+            seg_outputs = [out.seg_logits, *out.seg_aux]  # mask-decoder deep supervision: mean over outputs
+            seg_loss = sum(balanced_seg_loss(s.float(), target, cfg.data.ignore_index) for s in seg_outputs)
+            seg_loss = seg_loss / len(seg_outputs)
+            grid = out.cams.shape[-2:]  # the main pass's token grid (that of out.affinity)
+            with torch.no_grad():
+                aff_target = affinity_labels(label_to_grid(pseudo.label, grid), cfg.afa.radius,
+                                             cfg.data.ignore_index)
+            aff_loss = affinity_loss(out.affinity.float(), aff_target)
+            total = total + tc.seg_loss_weight * seg_loss + tc.aff_loss_weight * aff_loss
+
+    with timer.phase("backward"):
+        (scaler.scale(total) if scaler is not None else total).backward()
+
+    with timer.phase("optimizer"):
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    losses = {"total": total.detach(), "cls": cls_loss.detach(), "seg": seg_loss.detach(), "aff": aff_loss.detach()}
+    seg_logits = out.seg_logits.detach() if out.seg_logits is not None else None
+    return StepResult(losses, seg_logits, pseudo)
+
+
+# --------------------------------------------------------------------------- optimizer, precision
+
+
+def build_optimizer(network: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over the network's parameter groups (lr = train.lr x lr_mult), betas, weight decay."""
+    tc = cfg.train
+    groups = network.param_groups(tc)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.betas[0], tc.betas[1]), weight_decay=tc.weight_decay)
+
+
+def build_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler | None:
+    """GradScaler for fp16 (bf16 and fp32 need none)."""
+    if cfg.train.precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def check_precision(cfg: Config, device: torch.device) -> None:
+    if cfg.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise WsssError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support; "
+                        "use train.precision=fp16 or fp32")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+class SeededSamples(Dataset):
+    """Items keyed by ``(epoch, index)``: the augmentation of a sample draws from torch's RNG
+    seeded by (train.seed, epoch, index) only, so it is the same whatever the worker, the
+    number of workers, the rank, or whether the run was resumed."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (permutation from seed + epoch, every world-th index for this rank)
+    yielding ``(epoch, index)`` keys, that can start ``skip`` samples into the epoch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def _worker_init(seed: int, rank: int, worker_id: int) -> None:
+    # The augmentation is seeded per sample (SeededSamples); this only keeps numpy / random
+    # in the workers distinct and reproducible for any other use.
+    worker_seed = _sample_seed(seed, 10_000 + rank, worker_id)
+    random.seed(worker_seed)
+    np.random.seed(worker_seed % 2**32)
+    torch.manual_seed(worker_seed)
+
+
+def build_train_loader(dataset: Dataset, cfg: Config, ctx: du.DistContext) -> tuple[DataLoader, ResumableSampler]:
+    """Per-process batches of ``data.batch_size``, drop_last, persistent workers, pinned memory on CUDA."""
+    import functools
+
+    sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, cfg.train.seed)
+    generator = torch.Generator()
+    generator.manual_seed(cfg.train.seed + ctx.rank)
+    workers = cfg.data.num_workers
+    loader = DataLoader(
+        SeededSamples(dataset, cfg.train.seed),
+        batch_size=cfg.data.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=ctx.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+        worker_init_fn=functools.partial(_worker_init, cfg.train.seed, ctx.rank),
+        generator=generator,
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    return loader, sampler
+
+
+def iterate_batches(loader: DataLoader, sampler: ResumableSampler, epoch: int, consumed: int,
+                    batch_size: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """Endless batches -> (epoch, batches of that epoch consumed so far incl. this one, batch),
+    starting ``consumed`` batches into ``epoch`` (the same order as an uninterrupted run)."""
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.skip = consumed * batch_size
+        for batch in loader:
+            consumed += 1
+            yield epoch, consumed, batch
+        epoch, consumed = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def _colorize(label: Tensor) -> Tensor:
+    """long [H, W] -> float [3, H, W] in [0, 1], VOC palette (255 = ignore colour)."""
+    from wsss.data.io import VOC_PALETTE
+
+    palette = torch.tensor(np.asarray(VOC_PALETTE), dtype=torch.float32) / 255
+    return palette[label.clamp(0, 255).long()].permute(2, 0, 1)
+
+
+def _heat(values: Tensor) -> Tensor:
+    """[H, W] in [0, 1] -> jet-like colours [3, H, W]."""
+    v = values.clamp(0, 1)[None]
+    centres = torch.tensor([3.0, 2.0, 1.0]).view(3, 1, 1)
+    return (1.5 - (4 * v - centres).abs()).clamp(0, 1)
+
+
+def image_grid(images: Tensor, pseudo: PseudoLabels, seg_logits: Tensor | None, cfg: Config) -> Tensor:
+    """Rows of image | CAM (max over classes) on the image | PAR label | AFA label | seg prediction."""
+    from torchvision.utils import make_grid
+
+    n = min(images.shape[0], MAX_LOGGED_IMAGES)
+    size = images.shape[-2:]
+    rgb = denormalize(images[:n].float(), cfg.data.mean, cfg.data.std).cpu()
+    cams = pseudo.cams[:n].float().amax(dim=1).cpu()
+    label = pseudo.label[:n].cpu()
+    afa = pseudo.afa_label[:n].cpu() if pseudo.afa_label is not None else torch.full_like(label, 255)
+    if seg_logits is not None:
+        seg = F.interpolate(seg_logits[:n].float(), size=size, mode="bilinear", align_corners=False).argmax(1).cpu()
+    else:
+        seg = torch.full_like(label, 255)
+    tiles = []
+    for i in range(n):
+        tiles += [rgb[i], 0.5 * rgb[i] + 0.5 * _heat(cams[i]), _colorize(label[i]), _colorize(afa[i]),
+                  _colorize(seg[i])]
+    return make_grid(torch.stack(tiles), nrow=5, padding=2, pad_value=1.0)
+
+
+class RunLogger:
+    """Rank-0 output: tqdm bar, train.log, TensorBoard. A no-op on other ranks."""
+
+    def __init__(self, work_dir: Path, enabled: bool, total: int, start: int) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        self.file = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.writer = SummaryWriter(log_dir=str(work_dir / "tb"), purge_step=start if start > 0 else None)
+        self.file = open(work_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, file=sys.stderr)
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+        self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self.file.flush()
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def scalars(self, values: dict[str, float], step: int, postfix: dict[str, str] | None = None) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def image(self, tag: str, grid: Tensor, step: int) -> None:
+        if self.enabled:
+            self.writer.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def _miou(result: Any) -> float:
+    value = result.get("miou") if isinstance(result, dict) else result
+    return float(value) if value is not None else math.nan
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _wrap(network: nn.Module, ctx: du.DistContext, find_unused: bool) -> nn.Module:
+    if not ctx.distributed:
+        return network
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(network, device_ids=device_ids, find_unused_parameters=find_unused)
+
+
+def _needs_find_unused(cfg: Config, iteration: int) -> bool:
+    """During the CAM-only warm-up the seg head and the affinity head take no part in the loss, so
+    DDP must be told to expect parameters without gradient. After it every parameter of the
+    SegFormer network gets one and the (cheaper) default applies; the mask decoder has
+    variant-specific parameters that a given cross-attention may not use."""
+    return iteration < cfg.train.cam_iters or cfg.model.seg_head == "mask_decoder"
+
+
+def _write_run_files(cfg: Config, work_dir: Path, versions: dict[str, str]) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "config.yaml").write_text(cfg.to_yaml())
+    (work_dir / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
+
+
+def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Train AFA end to end as configured -> summary dict.
+
+    resume: a checkpoint written by this function (``last.pt``); training continues exactly
+    (model, optimizer, schedule, iteration, RNG states, data order) to ``train.iterations``.
+    stop_after: stop after this many iterations, as if interrupted, with ``last.pt`` written
+    there (the schedule still runs to ``train.iterations``); resume continues from it.
+
+    Returns {"iteration", "work_dir", "last_checkpoint", "best_checkpoint", "best_miou",
+    "val": the last validation {"cam", "afa", "seg"} mIoUs, "losses": the last logged means,
+    "seconds"}.
+    """
+    from wsss.data.datasets import build_dataset
+    from wsss.models.network import build_network
+
+    started = time.perf_counter()
+    tc = cfg.train
+    ctx = du.init_distributed(tc.device)
+    owns_group = ctx.distributed  # destroyed at the end only if it exists
+    work_dir = Path(tc.work_dir)
+    logs: RunLogger | None = None
+    try:
+        check_precision(cfg, ctx.device)
+        ckpt = load_checkpoint(resume) if resume is not None else None
+        if ckpt is not None:
+            diffs = _config_differences(ckpt["config"], cfg.to_dict())
+            if diffs and ctx.is_main:
+                logger.warning("resuming '%s' with a config that differs from the checkpoint's: %s", resume,
+                               "; ".join(diffs))
+            config_from_dict(ckpt["config"])  # a readable config, or a clear error
+
+        dataset = build_dataset(cfg.data, cfg.data.train_split, train=True)
+        val_dataset = None
+        if tc.val_interval > 0:
+            val_dataset = build_dataset(cfg.data, cfg.data.val_split, train=False, long_side=cfg.eval.long_side)
+        per_epoch = math.ceil(len(dataset) / ctx.world_size) // cfg.data.batch_size
+        if per_epoch == 0:
+            raise DatasetError(
+                f"split '{cfg.data.train_split}' of '{dataset.root}' has {len(dataset)} images: too few for one batch "
+                f"of data.batch_size={cfg.data.batch_size} per process ({ctx.world_size} processes)")
+        if ckpt is not None and int(ckpt["num_classes"]) != dataset.num_classes:
+            raise WsssError(f"checkpoint '{resume}' has {ckpt['num_classes']} classes but the dataset '{dataset.root}' "
+                            f"has {dataset.num_classes}; resume with the dataset it was trained on")
+
+        # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        seed_everything(tc.seed)
+        network = build_network(cfg, dataset.num_classes).to(ctx.device)
+        network.train()
+        optimizer = build_optimizer(network, cfg)
+        scheduler = build_scheduler(optimizer, tc)
+        scaler = build_scaler(cfg, ctx.device)
+        versions = software_versions()
+
+        iteration, epoch, consumed, best_miou = 0, 0, 0, -math.inf
+        if ckpt is not None:
+            network.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            iteration = int(ckpt["iteration"])
+            epoch, consumed = int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch"])
+            if consumed >= per_epoch:
+                epoch, consumed = epoch + 1, 0
+            best = ckpt.get("best_miou")
+            best_miou = float(best) if best is not None else -math.inf
+            per_rank = ckpt["rng"].get("per_rank") or [ckpt["rng"]]
+            if len(per_rank) == ctx.world_size:
+                restore_rng_state(per_rank[ctx.rank])
+            else:
+                seed_everything(tc.seed + ctx.rank + iteration)
+                if ctx.is_main:
+                    logger.warning("checkpoint was written by %d processes, this run has %d: the data order is kept, "
+                                   "the random state is re-seeded (not bit-exact)", len(per_rank), ctx.world_size)
+        else:
+            seed_everything(tc.seed + ctx.rank)  # per-rank randomness (drop-path) from here on
+
+        if ctx.is_main:
+            _write_run_files(cfg, work_dir, versions)
+        logs = RunLogger(work_dir, ctx.is_main, tc.iterations, iteration)
+        if ctx.is_main:
+            logs.line(f"{'resuming' if ckpt is not None else 'training'} {cfg.model.backbone} on "
+                      f"'{cfg.data.train_split}' ({len(dataset)} images, {per_epoch} batches/epoch/process) at "
+                      f"iteration {iteration}/{tc.iterations}; {ctx.world_size} process(es) on {ctx.device}, "
+                      f"{tc.precision}; work dir {work_dir}")
+
+        loader, sampler = build_train_loader(dataset, cfg, ctx)
+        find_unused = _needs_find_unused(cfg, iteration)
+        model = _wrap(network, ctx, find_unused)
+        sums = {k: torch.zeros((), device=ctx.device) for k in LOSS_NAMES}
+        since_log = 0
+        last_losses: dict[str, float] = {}
+        last_val: dict[str, float] = {}
+        last_saved = iteration if ckpt is not None else -1
+        log_every = tc.log_interval if tc.log_interval > 0 else tc.iterations
+        ckpt_every = tc.ckpt_interval if tc.ckpt_interval > 0 else tc.iterations
+
+        def checkpoint_state() -> dict[str, Any]:
+            rng = capture_rng_state()
+            per_rank = du.all_gather_objects(rng) if ctx.distributed else [rng]
+            return {
+                "config": cfg.to_dict(), "model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
+                "iteration": iteration, "rng": {**rng, "per_rank": per_rank},
+                "data": {"epoch": epoch, "batch": consumed, "batches_per_epoch": per_epoch},
+                "class_names": list(dataset.class_names), "num_classes": dataset.num_classes,
+                "best_miou": best_miou if math.isfinite(best_miou) else None, "versions": versions,
+            }
+
+        batches = iterate_batches(loader, sampler, epoch, consumed, cfg.data.batch_size)
+        while iteration < tc.iterations and (stop_after is None or iteration < stop_after):
+            if find_unused and not _needs_find_unused(cfg, iteration) and ctx.distributed:
+                del model  # the warm-up wrapper's hooks go with it
+                find_unused = False
+                model = _wrap(network, ctx, find_unused)
+            epoch, consumed, batch = next(batches)
+            result = train_step(model, batch, iteration, cfg, optimizer, scheduler, scaler, ctx.device)
+            iteration += 1
+            for k in LOSS_NAMES:
+                sums[k] += result.losses[k]
+            since_log += 1
+            logs.advance()
+
+            if iteration % log_every == 0 or iteration == tc.iterations:
+                means = torch.stack([sums[k] for k in LOSS_NAMES]) / since_log
+                means = du.all_reduce_mean(means).tolist()  # the one host sync per log interval
+                last_losses = dict(zip(LOSS_NAMES, means))
+                lr = optimizer.param_groups[0]["lr"]
+                logs.scalars({**{f"loss/{k}": v for k, v in last_losses.items()}, "lr": lr}, iteration,
+                             {**{k: f"{v:.4f}" for k, v in last_losses.items()}, "lr": f"{lr:.2e}"})
+                logs.line(f"iter {iteration}/{tc.iterations} epoch {epoch} "
+                          + " ".join(f"{k} {v:.4f}" for k, v in last_losses.items()) + f" lr {lr:.3e}")
+                for k in LOSS_NAMES:
+                    sums[k].zero_()
+                since_log = 0
+
+            if ctx.is_main and tc.image_log_interval > 0 and iteration % tc.image_log_interval == 0:
+                _log_images(logs, network, batch, result, cfg, ctx.device, iteration)
+
+            if val_dataset is not None and (iteration % tc.val_interval == 0 or iteration == tc.iterations):
+                last_val = _validate(network, val_dataset, cfg, ctx.device)
+                logs.scalars({f"val/{k}_miou": v for k, v in last_val.items()}, iteration)
+                logs.line(f"iter {iteration} val mIoU " + " ".join(f"{k} {v:.2f}" for k, v in last_val.items()))
+                seg = last_val.get("seg", math.nan)
+                if math.isfinite(seg) and seg > best_miou:
+                    best_miou = seg
+                    state = checkpoint_state()
+                    if ctx.is_main:
+                        save_checkpoint(state, work_dir / BEST_NAME)
+                        logs.line(f"iter {iteration} new best seg mIoU {seg:.2f}: {work_dir / BEST_NAME}")
+
+            stopping = iteration == tc.iterations or (stop_after is not None and iteration >= stop_after)
+            if iteration % ckpt_every == 0 or stopping:
+                state = checkpoint_state()
+                if ctx.is_main:
+                    save_checkpoint(state, work_dir / LAST_NAME)
+                last_saved = iteration
+
+        if last_saved != iteration:  # e.g. resumed at the end already
+            state = checkpoint_state()
+            if ctx.is_main:
+                save_checkpoint(state, work_dir / LAST_NAME)
+        du.barrier()
+        seconds = time.perf_counter() - started
+        if ctx.is_main:
+            logs.line(f"finished at iteration {iteration} in {seconds:.0f} s; last checkpoint {work_dir / LAST_NAME}")
+        best_path = work_dir / BEST_NAME
+        return {
+            "iteration": iteration,
+            "work_dir": str(work_dir),
+            "last_checkpoint": str(work_dir / LAST_NAME),
+            "best_checkpoint": str(best_path) if best_path.is_file() else None,
+            "best_miou": best_miou if math.isfinite(best_miou) else None,
+            "val": last_val,
+            "losses": last_losses,
+            "seconds": seconds,
+        }
+    finally:
+        if logs is not None:
+            logs.close()
+        if owns_group:
+            du.cleanup_distributed()
+
+
+def _validate(network: nn.Module, dataset: Dataset, cfg: Config, device: torch.device) -> dict[str, float]:
+    """CAM, AFA-CAM and seg mIoU on the first data.val_limit val images (all ranks take part)."""
+    from wsss.engine.inference import validate
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training RNG untouched
+        results = validate(network, dataset, cfg, device, cfg.data.val_limit)
+    network.train()
+    return {k: _miou(results[k]) for k in VAL_KEYS if k in results}
+
+
+def _log_images(logs: RunLogger, network: nn.Module, batch: dict[str, Any], result: StepResult, cfg: Config,
+                device: torch.device, iteration: int) -> None:
+    """TensorBoard grid of the step's images; pieces the step skipped (warm-up: labels; before the
+    AFA-label iteration: the AFA label) are computed here without gradients or RNG side effects."""
+    pseudo = result.pseudo
+    seg_logits = result.seg_logits
+    images = batch["image"][:MAX_LOGGED_IMAGES].to(device)
+    if pseudo is None or pseudo.afa_label is None or seg_logits is None:
+        labels = batch["label"][:MAX_LOGGED_IMAGES].to(device)
+        valid_box = batch["valid_box"][:MAX_LOGGED_IMAGES].to(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            pseudo = make_pseudo_labels(network, images, labels, valid_box, cfg, with_afa=True)
+            if seg_logits is None:  # eval mode: BatchNorm statistics untouched
+                network.eval()
+                try:
+                    with autocast(device, cfg.train.precision):
+                        seg_logits = network(images, with_seg=True, with_affinity=False).seg_logits
+                finally:
+                    network.train()
+    logs.image("train/image_cam_par_afa_seg", image_grid(images, pseudo, seg_logits, cfg), iteration)
+
+
+__all__ = [
+    "NO_TIMER", "PhaseTimer", "PseudoLabels", "StepResult", "autocast", "build_optimizer", "build_scaler",
+    "build_train_loader", "iterate_batches", "make_pseudo_labels", "seed_everything", "train", "train_step",
+]
