@@ -40,8 +40,9 @@ from tqdm import tqdm
 
 from wsss.config import IMAGENET_MEAN, IMAGENET_STD, AfaConfig, CamConfig, Config, ParConfig
 from wsss.data.io import write_label_png
+from wsss.engine.distributed import barrier, cleanup_distributed, init_distributed, is_initialized
 from wsss.engine.metrics import ConfusionMatrix
-from wsss.errors import ConfigError, DatasetError, WsssError
+from wsss.errors import DatasetError, WsssError
 
 logger = logging.getLogger(__name__)
 
@@ -53,26 +54,6 @@ TEST_SPLIT = "test"
 
 
 # --------------------------------------------------------------------------- devices and precision
-
-
-def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
-    """``train.device`` -> torch.device: "auto" = CUDA when available (this process's
-    ``LOCAL_RANK`` GPU under torchrun), else CPU; "cpu", "cuda", "cuda:N" as given."""
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device='{spec}' but CUDA is not available; use train.device=cpu or auto")
-        if spec == "cuda":
-            spec = f"cuda:{local_rank % torch.cuda.device_count()}"
-        device = torch.device(spec)
-        torch.cuda.set_device(device)
-        return device
-    if spec != "cpu":
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got '{spec}'")
-    return torch.device("cpu")
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -253,7 +234,7 @@ def predict_cam_probs(
 
 
 def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -261,29 +242,18 @@ def _dist_info() -> tuple[int, int]:
 @contextlib.contextmanager
 def _distributed(device_spec: str) -> Iterator[tuple[int, int, torch.device]]:
     """(rank, world, device for ``train.device``); joins the torchrun process group when
-    WORLD_SIZE > 1 and none is initialized yet (and leaves it again at the end)."""
-    created = False
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and dist.is_available() and not dist.is_initialized():
-        device = resolve_device(device_spec)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        created = True
-    else:
-        device = resolve_device(device_spec)
-    rank, world = _dist_info()
+    WORLD_SIZE > 1 and none is initialized yet, and leaves it again at the end."""
+    created = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_initialized()
+    ctx = init_distributed(device_spec)
     try:
-        yield rank, world, device
+        yield ctx.rank, ctx.world_size, ctx.device
     finally:
         if created:
-            dist.destroy_process_group()
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+            cleanup_distributed()
 
 
 def _sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_initialized():
         return list(values)
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -542,7 +512,7 @@ def generate_pseudo_labels(
             for index in skipped:
                 cm.update(read_label_png(out / f"{dataset.names[index]}.png"), dataset.load_mask(index))
         written, skipped_total, seconds = _sum_over_ranks([len(todo), len(skipped), elapsed], device)
-        _barrier()
+        barrier()
         if rank == 0:
             rate = written / max(elapsed, 1e-9)
             print(f"wrote {int(written)} pseudo labels to {out} ({int(skipped_total)} already there, skipped) "
@@ -632,7 +602,7 @@ def evaluate_checkpoint(
             if pool is not None:
                 pool.close()
         elapsed = time.perf_counter() - start
-        _barrier()
+        barrier()
         if rank == 0:
             where = f"; predictions in {save}" if save is not None else ""
             logger.info("evaluated %d images in %.1f s%s", len(dataset), elapsed, where)
@@ -647,5 +617,5 @@ def evaluate_checkpoint(
 
 __all__ = [
     "autocast_context", "default_pseudo_label_dir", "evaluate_checkpoint", "generate_pseudo_labels",
-    "predict_cam_probs", "predict_seg", "resolve_device", "validate",
+    "predict_cam_probs", "predict_seg", "validate",
 ]
