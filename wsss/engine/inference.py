@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from wsss.config import IMAGENET_MEAN, IMAGENET_STD, AfaConfig, CamConfig, Config, ParConfig
 from wsss.data.io import write_label_png
+from wsss.data.transforms import denormalize
 from wsss.engine.distributed import barrier, cleanup_distributed, init_distributed, is_initialized
 from wsss.engine.metrics import ConfusionMatrix
 from wsss.errors import DatasetError, WsssError
@@ -50,7 +51,6 @@ CAM_METHODS = ("cam", "par", "afa")
 EVAL_TARGETS = ("seg", "cam", "afa")
 PROB_EPS = 1e-8  # guard of the final per-pixel normalization of class probabilities
 VOC_SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
-TEST_SPLIT = "test"
 
 
 # --------------------------------------------------------------------------- devices and precision
@@ -84,12 +84,6 @@ def _scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
     from wsss.method.cam import scaled_size
 
     return scaled_size(size, scale)
-
-
-def _denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.float() * s + m).clamp(0.0, 1.0)
 
 
 def _normalize_probs(probs: Tensor) -> Tensor:
@@ -186,7 +180,7 @@ def _cam_probs(
             out["cam"] = _normalize_probs(_resize(scores, out_size))[0]
         if "par" in methods or "afa" in methods:
             par_size = _scaled_size(size, par_cfg.scale)
-            images01 = _resize(_denormalize(image, mean, std), par_size)
+            images01 = _resize(denormalize(image.float(), mean, std), par_size)
             if "par" in methods:
                 probs = cams_with_background(_resize(cams, par_size), label, [threshold])[:, 0]
                 refined = refine_with_par(images01, probs, par_cfg)
