@@ -117,3 +117,26 @@ def test_matrix_first_filled_under_inference_mode_can_be_merged_afterwards():
     b.update(PRED, GT)
     a.merge(b)  # in place on a's counts, outside inference mode
     np.testing.assert_array_equal(a.matrix.numpy(), 2 * EXPECTED)
+
+
+def _reduce_worker(rank: int, world: int, init_file: str, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cm = ConfusionMatrix(4)
+        rows = slice(0, 2) if rank == 0 else slice(2, 3)  # each rank sees part of the image
+        cm.update(torch.from_numpy(PRED[rows]), torch.from_numpy(GT[rows]))
+        queue.put((rank, cm.reduce_().matrix.numpy().tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reduce_sums_the_matrices_of_all_ranks(tmp_path):
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    torch.multiprocessing.start_processes(_reduce_worker, args=(2, str(tmp_path / "init"), queue), nprocs=2,
+                                          start_method="spawn")
+    results = dict(queue.get(timeout=60) for _ in range(2))
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.array(results[rank]), EXPECTED)
