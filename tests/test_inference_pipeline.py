@@ -23,7 +23,7 @@ from wsss.engine.inference import (
     generate_pseudo_labels,
     validate,
 )
-from wsss.errors import DatasetError
+from wsss.errors import DatasetError, WsssError
 from wsss.models.network import build_network
 
 FAST = ["data.num_workers=0", "eval.long_side=64", "eval.scales=[1.0,0.5]", "eval.crf_workers=0"]
@@ -142,3 +142,12 @@ def test_validate_reports_cam_afa_seg_and_restores_training_mode(setup):
     assert set(results) == {"cam", "afa", "seg"}
     assert all(r["num_images"] == 2 and 0 <= r["miou"] <= 100 for r in results.values())
     assert network.training
+
+
+def test_resuming_with_other_options_is_refused(setup, tmp_path):
+    _, ckpt, _, _ = setup
+    out = tmp_path / "labels"
+    generate_pseudo_labels(ckpt, split="val", out_dir=out, method="cam", msc=False, overrides=FAST)
+    with pytest.raises(WsssError, match=r"other options \(cam, method differ"):
+        generate_pseudo_labels(ckpt, split="val", out_dir=out, method="par", msc=False,
+                               overrides=[*FAST, "cam.bg_threshold_eval=0.5"])

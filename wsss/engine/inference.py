@@ -23,10 +23,12 @@ confusion matrices are summed over the ranks.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +370,41 @@ def _load(checkpoint: str | Path, overrides: Sequence[str],
     return network, cfg, meta
 
 
+RUN_OPTIONS_FILE = "pseudo_labels.json"
+
+
+def _run_options(checkpoint: str | Path, meta: dict, cfg: Config, split: str, method: str, msc: bool,
+                 crf: bool) -> dict[str, Any]:
+    """Everything that decides the labels of a pseudo-label directory."""
+    options: dict[str, Any] = {
+        "checkpoint": str(Path(checkpoint).resolve()), "iteration": meta.get("iteration"), "split": split,
+        "method": method, "msc": msc, "crf": crf,
+        "cam": asdict(cfg.cam), "par": asdict(cfg.par), "afa": asdict(cfg.afa),
+    }
+    if crf:
+        options["eval_crf"] = {k: v for k, v in asdict(cfg.eval).items() if k.startswith("crf_") and k != "crf_workers"}
+    return options
+
+
+def _check_run_options(out: Path, options: dict[str, Any], rank: int) -> None:
+    """Refuse to resume into a directory written with other options (the skipped images would
+    silently keep labels of another run); rank 0 records the options of a new directory."""
+    path = out / RUN_OPTIONS_FILE
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != options:
+            changed = sorted(k for k in {*options, *(previous or {})}
+                             if (previous or {}).get(k) != options.get(k)) if isinstance(previous, dict) else ["?"]
+            raise WsssError(
+                f"'{out}' holds pseudo labels written with other options ({', '.join(changed)} differ, see "
+                f"'{path}'); choose another output directory or delete it to start over")
+    elif rank == 0:
+        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(options, indent=1)))
+
+
 def _check_labels_available(dataset: Any, what: str) -> None:
     if not dataset.has_masks:
         raise DatasetError(
@@ -451,7 +488,9 @@ def generate_pseudo_labels(
     the checkpoint's ``data.root``; overrides: ``section.key=value`` strings.
 
     Restartable: images whose files exist are skipped; files are written via a temporary
-    file and a rename. Under torchrun rank r labels names[r::world]. evaluate=True: the mIoU
+    file and a rename. The options that decide the labels (checkpoint, method, msc, crf, the
+    cam / par / afa settings) are kept in ``<out_dir>/pseudo_labels.json``; resuming into a
+    directory written with other options is an error. Under torchrun rank r labels names[r::world]. evaluate=True: the mIoU
     of the written labels (skipped ones included) against the split's masks, summed over
     ranks, is printed (rank 0) and returned; otherwise returns None.
     """
@@ -460,13 +499,14 @@ def generate_pseudo_labels(
 
     if method not in CAM_METHODS:
         raise WsssError(f"method must be one of {', '.join(CAM_METHODS)}; got '{method}'")
-    network, cfg, _ = _load(checkpoint, overrides, data_root)
+    network, cfg, meta = _load(checkpoint, overrides, data_root)
     with _distributed(cfg.train.device) as (rank, world, device):
         network.to(device)
         dataset = build_dataset(cfg.data, split, train=False, long_side=None)
         _check_labels_available(dataset, f"pseudo labels (method '{method}')")
         out = Path(out_dir) if out_dir is not None else default_pseudo_label_dir(cfg, split, method)
         out.mkdir(parents=True, exist_ok=True)
+        _check_run_options(out, _run_options(checkpoint, meta, cfg, split, method, msc, crf), rank)
 
         def done(index: int) -> bool:
             name = dataset.names[index]
