@@ -4,7 +4,8 @@ The straightforward formulation (``par_straightforward`` below) is the reference
 the kernel is recomputed per call, the centre image is ``.repeat``-ed 48 times, and every
 iteration builds all 48 shifted copies of the masks ([B, M, 48, H, W], replicate pad per
 dilation + slicing + torch.cat) before the weighted sum. Timed: kernel + 10 iterations, on
-random RGB images in [0, 1] and softmax masks; median of --repeats runs after one warm-up.
+random RGB images in [0, 1] and softmax masks; median of --repeats runs after one warm-up,
+the two implementations timed alternately.
 
     python3 bench/par.py                      # CPU, cases 2x21x160x160, 1x21x256x256, 1x3x160x160
     python3 bench/par.py --repeats 9 --device cuda
@@ -14,6 +15,7 @@ random RGB images in [0, 1] and softmax masks; median of --repeats runs after on
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -59,20 +61,27 @@ def par_ours(images: torch.Tensor, masks: torch.Tensor, cfg: ParConfig) -> torch
     return apply_par_kernel(masks, kernel, cfg.dilations, cfg.iterations)
 
 
-def _time(fn, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    out = fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
+def _time_pair(fn_a, fn_b, device: torch.device, repeats: int):
+    """Median seconds of fn_a and fn_b, timed alternately (shared-machine load hits both alike)."""
+    def timed(fn):
         start = time.perf_counter()
         out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, out
+
+    timed(fn_a), timed(fn_b)  # warm-up
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        t_a, out_a = timed(fn_a)
+        t_b, out_b = timed(fn_b)
+        times_a.append(t_a)
+        times_b.append(t_b)
+    return statistics.median(times_a), statistics.median(times_b), out_a, out_b
+
+
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
 def main() -> None:
@@ -90,17 +99,20 @@ def main() -> None:
     cfg = ParConfig()
     generator = torch.Generator().manual_seed(args.seed)
     print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
-          f"dilations {cfg.dilations}, iterations {cfg.iterations}, median of {args.repeats}")
+          f"dilations {cfg.dilations}, iterations {cfg.iterations}, median of {args.repeats}, "
+          f"load average {_load()}")
     print(f"{'masks B x M x H x W':>20} {'ours ms':>10} {'straightforward ms':>19} {'ratio':>7} {'max |diff|':>11}")
     with torch.no_grad():
         for case in args.cases:
             b, m, h, w = (int(v) for v in case.split("x"))
             images = torch.rand(b, 3, h, w, generator=generator).to(device)
             masks = torch.randn(b, m, h, w, generator=generator).softmax(dim=1).to(device)
-            t_ours, out_ours = _time(lambda: par_ours(images, masks, cfg), device, args.repeats)
-            t_ref, out_ref = _time(lambda: par_straightforward(images, masks, cfg), device, args.repeats)
+            t_ours, t_ref, out_ours, out_ref = _time_pair(
+                lambda: par_ours(images, masks, cfg), lambda: par_straightforward(images, masks, cfg), device, args.repeats
+            )
             diff = (out_ours - out_ref).abs().max().item()
             print(f"{case:>20} {t_ours * 1e3:10.1f} {t_ref * 1e3:19.1f} {t_ref / t_ours:6.1f}x {diff:11.2e}")
+    print(f"load average after: {_load()} (other processes on the machine slow both columns)")
 
 
 if __name__ == "__main__":

@@ -131,8 +131,8 @@ def cams_with_background(cams: Tensor, labels: Tensor, bg_scores: Sequence[float
     """
     cams = cams.float()
     b, k, h, w = cams.shape
-    scores = torch.tensor(list(bg_scores), dtype=cams.dtype, device=cams.device)
-    bg = scores.view(1, -1, 1, 1, 1).expand(b, -1, 1, h, w)
+    # constant fills, not torch.tensor(scores, device=...): no host-to-device copy
+    bg = torch.cat([cams.new_full((b, 1, 1, h, w), float(score)) for score in bg_scores], dim=1)
     logits = torch.cat([bg, cams.unsqueeze(1).expand(-1, len(bg_scores), -1, -1, -1)], dim=2)
     present = torch.cat([labels.new_ones(b, 1), labels], dim=1) > 0  # [B, C]
     logits = logits.masked_fill(~present[:, None, :, None, None], float("-inf"))
