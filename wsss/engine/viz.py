@@ -25,16 +25,30 @@ through the small colour look-up table :data:`HEAT_LUT`.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+from tqdm import tqdm
 
+from wsss.config import Config
 from wsss.data.io import IGNORE_VALUE, VOC_PALETTE
+from wsss.data.transforms import EvalTransform, denormalize
+from wsss.engine.inference import predict_seg
+from wsss.engine.metrics import ConfusionMatrix
+from wsss.errors import WsssError
+from wsss.method.affinity import propagate_cams
+from wsss.method.cam import multiscale_cam, refine_cams_to_label, refine_probs_to_label
+from wsss.models.network import AFANetwork
 
 # --------------------------------------------------------------------------- colours
 
@@ -240,20 +254,17 @@ class ImageMaps:
 
 
 def image_miou(pred: np.ndarray, gt: np.ndarray | None, num_classes: int, ignore_index: int = 255) -> float | None:
-    """Mean IoU of one image: int [H, W] prediction vs ground truth, over the classes present in either
-    (pixels where gt == ignore_index not counted). None without ground truth or without a valid pixel."""
+    """Mean IoU in [0, 1] of one image: int [H, W] prediction vs ground truth, over the classes present
+    in either, with the conventions of :class:`wsss.engine.metrics.ConfusionMatrix` (ignored
+    ground-truth pixels not counted). None without ground truth or without a counted pixel."""
     if gt is None:
         return None
-    valid = (gt != ignore_index) & (gt < num_classes)
-    if not valid.any():
+    matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, device="cpu")
+    matrix.update(np.asarray(pred).astype(np.int64), np.asarray(gt).astype(np.int64))
+    result = matrix.compute()
+    if result["num_pixels"] == 0:
         return None
-    p = np.clip(pred[valid].astype(np.int64), 0, num_classes - 1)
-    g = gt[valid].astype(np.int64)
-    confusion = np.bincount(g * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-    inter = np.diag(confusion)
-    union = confusion.sum(0) + confusion.sum(1) - inter
-    present = union > 0
-    return float((inter[present] / union[present]).mean())
+    return result["miou"] / 100.0
 
 
 def panel_tiles(maps: ImageMaps) -> list[list[Tile]]:
@@ -277,7 +288,7 @@ def panel_tiles(maps: ImageMaps) -> list[list[Tile]]:
         for i, ((y, x), c) in enumerate(zip(maps.points, maps.point_classes)):
             colour = POINT_COLOURS[i % len(POINT_COLOURS)]
             picture = mark_points(heat_overlay(image, maps.affinity[i]), [(y, x)], [colour])
-            affinity.append(Tile(f"affinity to {names[c]} pt ({y},{x})", picture))
+            affinity.append(Tile(f"affinity to {names[c]} @{y},{x}", picture))
     return [row for row in (first, cams, affinity) if row]
 
 
@@ -299,6 +310,114 @@ def render_panel(maps: ImageMaps, title: str = "", tile_size: int = TILE_SIZE) -
         iou = "n/a" if maps.iou is None else f"{100 * maps.iou:.1f}"
         title = f"image mIoU {iou}"
     return render_tiles(panel_tiles(maps), title=title, legend=legend_entries(maps), tile_size=tile_size)
+
+
+# --------------------------------------------------------------------------- computing the maps
+
+
+def predicted_classes(cls_logits: Tensor, threshold: float = 0.5) -> Tensor:
+    """cls_logits [K] -> multi-hot float [K]: sigmoid > threshold, and at least the top class."""
+    labels = (cls_logits.sigmoid() > threshold).float()
+    labels[cls_logits.argmax()] = 1.0
+    return labels
+
+
+def _to_size(x: Tensor, size: Sequence[int], nearest: bool = False) -> Tensor:
+    """[B, M, h, w] -> [B, M, *size] (bilinear, or nearest-exact for label maps)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if nearest:
+        return F.interpolate(x.float(), size=tuple(size), mode="nearest-exact")
+    return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _label_numpy(label: Tensor, size: Sequence[int]) -> np.ndarray:
+    """long [1, h, w] -> uint8 [H, W] at ``size`` (nearest)."""
+    return _to_size(label[:, None], size, nearest=True)[0, 0].to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def compute_maps(
+    network: AFANetwork,
+    image: np.ndarray,
+    cfg: Config,
+    class_names: Sequence[str],
+    labels: np.ndarray | Tensor | None = None,
+    gt: np.ndarray | None = None,
+) -> ImageMaps:
+    """Run every stage of the method on one image -> :class:`ImageMaps` at the image's size.
+
+    image uint8 [H, W, 3]; labels float [K] multi-hot image labels, or None to use the
+    classes the classifier predicts (sigmoid > 0.5, at least the top one); gt uint8 [H, W]
+    or None. The image is resized so that its long side is ``cfg.eval.long_side``;
+    CAMs are multi-scale (``cfg.cam.scales``, flip) as for the training pseudo labels,
+    the affinity comes from the ``cfg.afa.affinity_scale`` pass; the PAR and random-walk
+    labels use the training rule (high/low background thresholds, ignore in between); the
+    segmentation is the single-scale argmax of ``predict_seg`` (the validation protocol).
+    Uses only ``network.forward`` / ``network.cam_forward``.
+    """
+    network.eval()
+    device = next(network.parameters()).device
+    size = image.shape[:2]
+    x = EvalTransform.from_config(cfg.data, cfg.eval.long_side)(image)[None].to(device)
+    images01 = denormalize(x, cfg.data.mean, cfg.data.std)
+    if labels is None:
+        cls_logits = network(x, with_seg=False, with_affinity=False).cls_logits
+        label_t, classes_from = predicted_classes(cls_logits[0].float())[None], "prediction"
+    else:
+        label_t, classes_from = torch.as_tensor(labels, dtype=torch.float32, device=device).view(1, -1), "labels"
+    classes = [int(k) + 1 for k in torch.nonzero(label_t[0] > 0).flatten().tolist()]
+
+    grid: list[tuple[int, int]] = []  # token grid of the affinity pass
+
+    def cam_fn(images: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
+        cams, affinity = network.cam_forward(images, with_affinity)
+        if with_affinity:
+            grid.append(tuple(cams.shape[-2:]))
+        return cams, affinity
+
+    cams, affinity = multiscale_cam(cam_fn, x, label_t, cfg.cam.scales, flip=cfg.cam.flip,
+                                    affinity_scale=cfg.afa.affinity_scale)
+    ignore = cfg.data.ignore_index
+    par_label = refine_cams_to_label(images01, cams, label_t, cfg.cam, cfg.par, ignore_index=ignore)
+    seg = predict_seg(network, x, [1.0], flip=False, out_size=size).argmax(dim=0)
+
+    rw_label = None
+    points: list[tuple[int, int]] = []
+    point_classes: list[int] = []
+    affinity_maps = None
+    if affinity is not None and classes:
+        h, w = grid[0]
+        probs = propagate_cams(cams, label_t, affinity, (cfg.cam.bg_threshold_high, cfg.cam.bg_threshold_low),
+                               cfg.afa, grid_size=(h, w))
+        rw_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, ignore_index=ignore)
+        # query tokens: the most confident token of each shown class, and the token where
+        # the strongest shown CAM is weakest (the most confident background)
+        cams_grid = _to_size(cams, (h, w))[0, [c - 1 for c in classes]].flatten(1)  # [S, N]
+        tokens = [*cams_grid.argmax(dim=1).tolist(), int(cams_grid.amax(dim=0).argmin())]
+        point_classes = [*classes, 0]
+        rows = affinity[0, tokens].float().view(len(tokens), 1, h, w)
+        affinity_maps = _to_size(rows, size)[:, 0].clamp(0, 1).cpu().numpy()
+        points = [(min(size[0] - 1, int((t // w + 0.5) * size[0] / h)),
+                   min(size[1] - 1, int((t % w + 0.5) * size[1] / w))) for t in tokens]
+
+    seg_label = seg.to(torch.uint8).cpu().numpy()
+    num_classes = len(class_names)
+    return ImageMaps(
+        image=image,
+        class_names=list(class_names),
+        classes=classes,
+        classes_from=classes_from,
+        cams=_to_size(cams, size)[0, [c - 1 for c in classes]].cpu().numpy().astype(np.float32),
+        par_label=_label_numpy(par_label, size),
+        rw_label=None if rw_label is None else _label_numpy(rw_label, size),
+        seg_label=seg_label,
+        points=points,
+        point_classes=point_classes,
+        affinity=affinity_maps,
+        gt=gt,
+        iou=image_miou(seg_label, gt, num_classes, ignore),
+    )
 
 
 # --------------------------------------------------------------------------- HTML index
@@ -408,8 +527,103 @@ def write_index(out_dir: str | Path, entries: Sequence[IndexEntry], title: str =
     path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     (out_dir / "index.json").write_text(
-        json.dumps([{"name": e.name, "panel": e.panel, "iou": e.iou, "classes": e.classes}
+        json.dumps([{"name": e.name, "panel": e.panel, "iou": e.iou, "classes": e.classes, "classes_from": e.classes_from}
                     for e in sort_entries(entries)], indent=1),
         encoding="utf-8",
     )
     return path
+
+
+# --------------------------------------------------------------------------- driver (``wsss viz``)
+
+
+def _file_stem(name: str, taken: set[str]) -> str:
+    """A file-system-safe, unique panel file stem for an image name."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+    unique, n = stem, 1
+    while unique in taken:
+        n += 1
+        unique = f"{stem}_{n}"
+    taken.add(unique)
+    return unique
+
+
+def panel_title(name: str, maps: ImageMaps) -> str:
+    iou = "n/a" if maps.iou is None else f"{100 * maps.iou:.1f}"
+    shown = ", ".join(maps.class_names[c] for c in maps.classes) or "none"
+    source = "image labels" if maps.classes_from == "labels" else "predicted"
+    return f"{name}   image mIoU {iou}   classes ({source}): {shown}"
+
+
+def visualize(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    split: str | None = None,
+    images: Sequence[str | Path] = (),
+    limit: int = 16,
+    data_root: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    tile_size: int = TILE_SIZE,
+) -> Path:
+    """Panels of a checkpoint's predictions and an HTML index -> ``out_dir/index.html``.
+
+    Either ``split`` (the first ``limit`` images of that split of ``data.root``, or of
+    ``data_root``; 0 = all; image labels and ground truth from the split's masks) or
+    ``images`` (image files; the classifier's predicted classes, no ground truth).
+    Writes ``out_dir/<image name>.png`` per image, ``index.html`` (worst per-image mIoU
+    first, sortable) and ``index.json`` (the same rows). ``overrides`` change the
+    checkpoint's config (e.g. ``cam.scales=[1.0]``, ``train.device=cpu``).
+    """
+    from wsss.data.datasets import build_dataset
+    from wsss.data.io import read_image
+    from wsss.engine.checkpoint import load_network
+    from wsss.engine.distributed import resolve_device
+
+    images = [Path(p) for p in images]
+    if (split is None) == (not images):
+        raise WsssError("give either a split or one or more image files to visualize, not both")
+    network, cfg, meta = load_network(checkpoint, "cpu", list(overrides))
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    device = resolve_device(cfg.train.device)
+    network.to(device).eval()
+    class_names = list(meta["class_names"]) or [f"class {c}" for c in range(meta["num_classes"])]
+
+    items: list[tuple[str, Callable[[], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]]] = []
+    if split is not None:
+        dataset = build_dataset(cfg.data, split, train=False)
+        if dataset.num_classes != network.num_classes:
+            raise WsssError(
+                f"split '{split}' of '{dataset.root}' has {dataset.num_classes} classes but the checkpoint "
+                f"'{checkpoint}' was trained for {network.num_classes}")
+        class_names = dataset.class_names
+        count = len(dataset) if limit <= 0 else min(limit, len(dataset))
+
+        def load_item(i: int):
+            if not dataset.has_masks:
+                return dataset.load_image(i), None, None
+            return dataset.load_image(i), dataset.image_labels[i], dataset.load_mask(i)
+
+        items = [(dataset.names[i], functools.partial(load_item, i)) for i in range(count)]
+    else:
+        for path in images:
+            read_image(path)  # a missing or unreadable file fails now, before any work
+
+        def load_file(path: Path):
+            return read_image(path), None, None
+
+        items = [(path.stem, functools.partial(load_file, path)) for path in images]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    entries = []
+    for name, load in tqdm(items, desc="viz", unit="img"):
+        image, labels, gt = load()
+        maps = compute_maps(network, image, cfg, class_names, labels=labels, gt=gt)
+        panel = f"{_file_stem(name, taken)}.png"
+        render_panel(maps, panel_title(name, maps), tile_size).save(out_dir / panel)
+        entries.append(IndexEntry(name, panel, maps.iou, [class_names[c] for c in maps.classes], maps.classes_from))
+    source = f"split '{split}' of {cfg.data.root}" if split is not None else f"{len(images)} image files"
+    title = f"wsss viz: {Path(checkpoint).name} (iteration {meta['iteration']}), {source}"
+    return write_index(out_dir, entries, title=title)
