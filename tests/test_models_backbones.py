@@ -302,3 +302,15 @@ def test_timm_file_with_classifier_loads_into_the_headless_backbone(tmp_path):
 
 def test_backbone_is_a_mix_vision_transformer_for_mit_names():
     assert isinstance(_backbone("mit_tiny"), MixVisionTransformer)
+
+
+def test_mit_under_cpu_bf16_autocast_stays_close_to_fp32():
+    net = _backbone("mit_tiny")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        fp32, _ = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16, logits = net(x, with_attn=True)
+    assert logits.dtype == torch.bfloat16
+    for a, b in zip(fp32, bf16):
+        torch.testing.assert_close(b.float(), a, atol=0.1, rtol=0.05)

@@ -53,15 +53,13 @@ ACCEPTED_NAMES = (
 
 
 class Backbone(Protocol):
-    """What the network needs from a backbone (MixVisionTransformer, TimmBackbone)."""
+    """What the network needs from a backbone (an nn.Module: MixVisionTransformer, TimmBackbone)."""
 
     out_channels: list[int]  # channels of the 4 feature maps
     feature_strides: list[int]  # input pixels per feature cell, per map
     attn_maps: int  # attn_blocks * heads: channels of the attention logits
 
     def __call__(self, x: Tensor, with_attn: bool = False) -> tuple[list[Tensor], Tensor | None]: ...
-
-    def parameters(self, recurse: bool = True): ...
 
 
 def create_backbone(model_cfg: ModelConfig, attn_blocks: int) -> nn.Module:
@@ -180,7 +178,9 @@ class TimmBackbone(nn.Module):
         else:
             last = model.stages[3].blocks
             if not 1 <= attn_blocks <= len(last):
-                raise ConfigError(f"afa.attn_blocks={attn_blocks} but the last stage of timm:{name} has {len(last)} blocks")
+                raise ConfigError(
+                    f"afa.attn_blocks={attn_blocks} but the last stage of timm:{name} has {len(last)} blocks"
+                )
             self._set_pvt_strides(strides)
             self.out_channels = [stage.blocks[0].norm1.normalized_shape[0] for stage in model.stages]
             self.feature_strides = [math.prod(strides[: i + 1]) for i in range(4)]

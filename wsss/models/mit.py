@@ -32,6 +32,7 @@ from wsss.models.weights import download_from_hf, load_state_dict_checked, read_
 _BLOCK_NORM_EPS = 1e-6
 _MLP_RATIO = 4
 _PATCH_KERNELS = (7, 3, 3, 3)
+_REDUCED = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,16 @@ class DWConv(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         b, n, c = x.shape
-        return self.dwconv(x.transpose(1, 2).reshape(b, c, *hw)).flatten(2).transpose(1, 2)
+        x = x.transpose(1, 2).reshape(b, c, *hw)
+        if x.device.type == "cpu" and (x.dtype in _REDUCED or torch.is_autocast_enabled("cpu")):
+            # PyTorch has no fast reduced-precision depthwise conv on CPU (it loops over the
+            # channels, ~50x slower than fp32); this memory-bound layer runs in fp32 there.
+            with torch.autocast("cpu", enabled=False):
+                w = self.dwconv.weight.float()
+                out = F.conv2d(x.float(), w, self.dwconv.bias.float(), padding=1, groups=c).to(x.dtype)
+        else:
+            out = self.dwconv(x)
+        return out.flatten(2).transpose(1, 2)
 
 
 class MixFFN(nn.Module):
@@ -240,7 +250,9 @@ _HF_BLOCK_RENAMES = {
     "mlp.dense2": "mlp.fc2", "mlp.fc2": "mlp.fc2",
     "mlp.dwconv.dwconv": "mlp.dwconv.dwconv",
 }
-_HF_PATCH = re.compile(r"^(?:encoder\.patch_embeddings\.(\d)|stages\.(\d)\.patch_embeddings)\.(proj|layer_norm)\.(\w+)$")
+_HF_PATCH = re.compile(
+    r"^(?:encoder\.patch_embeddings\.(\d)|stages\.(\d)\.patch_embeddings)\.(proj|layer_norm)\.(\w+)$"
+)
 _HF_BLOCK = re.compile(r"^(?:encoder\.block\.(\d)|stages\.(\d)\.blocks)\.(\d+)\.(.+)\.(\w+)$")
 _HF_NORM = re.compile(r"^(?:encoder\.layer_norm\.(\d)|stages\.(\d)\.layer_norm)\.(\w+)$")
 # Classifier / decoder keys of image-classification or segmentation checkpoints.

@@ -1,0 +1,191 @@
+"""Network cost: training forward+backward and multi-scale CAM time and peak memory.
+
+Cases, each in fp32 and bf16 autocast, on a batch of 2 x 3 x 320 x 320 with ``mit_b1``
+(strides 4, 2, 2, 1; 21 classes; random weights):
+
+- ``backbone``   backbone forward (with attention logits) + backward
+- ``train``      the training pass: network forward with seg head and affinity + backward
+- ``ms_cam``     multi-scale CAM without grad, scales 1, 0.5, 1.5 with flip, affinity from
+                 the 1.5 pass (``wsss.method.cam.multiscale_cam`` when it exists, otherwise
+                 the same steps here)
+
+Median over several timed runs after warm-up. Every case runs in a fresh child process so its
+peak memory is its own. CUDA: ``max_memory_allocated`` (and its growth over the memory held
+before the first run: weights, inputs). CPU: peak resident set size of the child
+(``getrusage`` max RSS) and its growth over the RSS just before the first run.
+
+    python3 bench/model.py                     # cuda if available, else cpu
+    python3 bench/model.py --device cpu --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+CASES = ["backbone", "train", "ms_cam"]
+CAM_SCALES = [1.0, 0.5, 1.5]
+AFFINITY_SCALE = 1.5
+
+
+def _current_rss() -> int:
+    """Resident set size now, in bytes (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return _peak_rss()
+
+
+def _peak_rss() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _fallback_multiscale_cam(cam_fn, images, labels, scales, flip=True, affinity_scale=None):
+    """The sec. 2 multi-scale CAM (used until wsss.method.cam exists)."""
+    size = images.shape[-2:]
+    total, affinity = None, None
+    for scale in scales:
+        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                      align_corners=False)
+        batch = torch.cat([x, x.flip(-1)]) if flip else x
+        cams, aff = cam_fn(batch, scale == affinity_scale)
+        cams = F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            cams = torch.maximum(cams[: len(images)], cams[len(images):].flip(-1))
+            aff = aff[: len(images)] if aff is not None else None
+        cams = cams.relu()
+        total = cams if total is None else total + cams
+        affinity = aff if aff is not None else affinity
+    low = total.amin(dim=(2, 3), keepdim=True)
+    high = total.amax(dim=(2, 3), keepdim=True)
+    return (total - low) / (high - low + 1e-5) * labels[..., None, None], affinity
+
+
+def _multiscale_cam():
+    try:
+        from wsss.method.cam import multiscale_cam
+
+        return multiscale_cam, "wsss.method.cam.multiscale_cam"
+    except ImportError:
+        return _fallback_multiscale_cam, "bench fallback"
+
+
+def _case(case: str, precision: str, args) -> dict:
+    from wsss.config import load_config
+    from wsss.models.network import build_network
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"model.backbone={args.backbone}"])
+    net = build_network(cfg, args.num_classes).to(device)
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    labels = torch.ones(args.batch, args.num_classes - 1, device=device)
+    impl = ""
+
+    if case == "backbone":
+        net.train()
+
+        def step():
+            features, logits = net.backbone(images, with_attn=True)
+            (sum(f.float().mean() for f in features) + logits.float().mean()).backward()
+    elif case == "train":
+        net.train()
+
+        def step():
+            out = net(images, with_seg=True, with_affinity=True)
+            (out.cls_logits.float().mean() + out.seg_logits.float().mean() + out.affinity.float().mean()).backward()
+    else:
+        net.eval()
+        multiscale_cam, impl = _multiscale_cam()
+
+        def step():
+            with torch.no_grad():
+                multiscale_cam(net.cam_forward, images, labels, CAM_SCALES, flip=True, affinity_scale=AFFINITY_SCALE)
+
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            step()
+        net.zero_grad(set_to_none=True)
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _current_rss()
+    for _ in range(args.warmup):
+        run()
+    times = []
+    for _ in range(args.repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    return {"case": case, "precision": precision, "median_ms": 1000 * statistics.median(times),
+            "min_ms": 1000 * min(times), "peak_mib": peak / 2**20, "delta_mib": (peak - baseline) / 2**20,
+            "impl": impl}
+
+
+def _child(queue, case, precision, args):
+    try:
+        queue.put(_case(case, precision, args))
+    except Exception as exc:  # report, keep benchmarking the other cases
+        queue.put({"case": case, "precision": precision, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--backbone", default="mit_b1")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--num-classes", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    args = parser.parse_args()
+
+    ctx = mp.get_context("spawn")
+    print(f"# {args.backbone}, batch {args.batch}x3x{args.size}x{args.size}, {args.num_classes} classes, "
+          f"device {args.device}, median of {args.repeats} after {args.warmup} warm-up, torch {torch.__version__}")
+    print(f"{'case':<9} {'precision':<9} {'median ms':>10} {'min ms':>9} {'peak MiB':>9} {'delta MiB':>10}")
+    notes = set()
+    for case in args.cases:
+        for precision in args.precisions:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_child, args=(queue, case, precision, args))
+            proc.start()
+            result = queue.get()
+            proc.join()
+            if "error" in result:
+                print(f"{case:<9} {precision:<9} error: {result['error']}")
+                continue
+            print(f"{case:<9} {precision:<9} {result['median_ms']:>10.1f} {result['min_ms']:>9.1f} "
+                  f"{result['peak_mib']:>9.0f} {result['delta_mib']:>10.0f}")
+            if result["impl"]:
+                notes.add(f"ms_cam: {result['impl']}")
+    for note in sorted(notes):
+        print(f"# {note}")
+
+
+if __name__ == "__main__":
+    main()
