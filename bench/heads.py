@@ -46,14 +46,9 @@ def _build(head: str, args, device: torch.device):
     num_classes = args.num_classes
     b, s = args.batch, args.size
     if args.head_only:
-        if head == "segformer":
-            from wsss.models.heads import SegFormerHead
+        from wsss.models.network import build_seg_head
 
-            module = SegFormerHead(MIT_B1_CHANNELS, num_classes, cfg.model.seg_embed_dim)
-        else:
-            from wsss.models.mask_decoder import MaskDecoderHead
-
-            module = MaskDecoderHead(MIT_B1_CHANNELS, num_classes, cfg.model.mask_decoder)
+        module = build_seg_head(cfg, MIT_B1_CHANNELS, num_classes)
 
         def make_inputs():
             return ([torch.randn(b, c, s // r, s // r, device=device, requires_grad=True)
