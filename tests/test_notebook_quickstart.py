@@ -32,7 +32,8 @@ def reduced_parameters(tmp_path: Path) -> dict[str, object]:
         "NUM_SHOWN": 1,
         "NUM_PANELS": 2,
         "DEVICE": "cpu",
-        "EXTRA_OVERRIDES": ["data.num_workers=0", "train.val_interval=0", "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0"],
+        "EXTRA_OVERRIDES": ["data.num_workers=0", "train.val_interval=0", "cam.scales=[1.0,0.5]",
+                            "afa.affinity_scale=1.0"],
     }
 
 

@@ -128,3 +128,20 @@ def test_compute_maps_works_for_every_backbone_and_seg_head(demo_root, overrides
     assert maps.par_label.shape == maps.rw_label.shape == maps.seg_label.shape == (h, w)
     assert maps.iou is not None
     assert np.asarray(render_panel(maps)).std() > 20
+
+
+def test_compute_maps_predicts_classes_without_labels_and_restores_train_mode(demo_root):
+    import torch
+
+    from wsss.data.datasets import build_dataset
+    from wsss.models.network import build_network
+
+    torch.manual_seed(0)
+    cfg = load_config("demo", [f"data.root={demo_root}", "eval.long_side=64", "cam.scales=[1.0]",
+                               "afa.affinity_scale=1.0"])
+    dataset = build_dataset(cfg.data, "val", train=False)
+    network = build_network(cfg, dataset.num_classes).train()
+    maps = compute_maps(network, dataset.load_image(0), cfg, dataset.class_names)
+    assert network.training
+    assert maps.classes_from == "prediction" and len(maps.classes) >= 1 and maps.gt is None and maps.iou is None
+    assert maps.point_classes == [*maps.classes, 0]

@@ -30,7 +30,7 @@ import html
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -354,9 +354,25 @@ def compute_maps(
     the affinity comes from the ``cfg.afa.affinity_scale`` pass; the PAR and random-walk
     labels use the training rule (high/low background thresholds, ignore in between); the
     segmentation is the single-scale argmax of ``predict_seg`` (the validation protocol).
-    Uses only ``network.forward`` / ``network.cam_forward``.
+    Uses only ``network.forward`` / ``network.cam_forward``; the network's train/eval
+    mode is restored afterwards.
     """
+    was_training = network.training
     network.eval()
+    try:
+        return _compute_maps(network, image, cfg, class_names, labels, gt)
+    finally:
+        network.train(was_training)
+
+
+def _compute_maps(
+    network: AFANetwork,
+    image: np.ndarray,
+    cfg: Config,
+    class_names: Sequence[str],
+    labels: np.ndarray | Tensor | None,
+    gt: np.ndarray | None,
+) -> ImageMaps:
     device = next(network.parameters()).device
     size = image.shape[:2]
     x = EvalTransform.from_config(cfg.data, cfg.eval.long_side)(image)[None].to(device)
@@ -378,7 +394,7 @@ def compute_maps(
 
     cams, affinity = multiscale_cam(cam_fn, x, label_t, cfg.cam.scales, flip=cfg.cam.flip,
                                     affinity_scale=cfg.afa.affinity_scale)
-    ignore = cfg.data.ignore_index
+    ignore = IGNORE_VALUE  # the maps are display maps in the label-file convention (255 = ignore)
     par_label = refine_cams_to_label(images01, cams, label_t, cfg.cam, cfg.par, ignore_index=ignore)
     seg = predict_seg(network, x, [1.0], flip=False, out_size=size).argmax(dim=0)
 
@@ -527,8 +543,7 @@ def write_index(out_dir: str | Path, entries: Sequence[IndexEntry], title: str =
     path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     (out_dir / "index.json").write_text(
-        json.dumps([{"name": e.name, "panel": e.panel, "iou": e.iou, "classes": e.classes, "classes_from": e.classes_from}
-                    for e in sort_entries(entries)], indent=1),
+        json.dumps([asdict(e) for e in sort_entries(entries)], indent=1),
         encoding="utf-8",
     )
     return path
