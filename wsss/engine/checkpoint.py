@@ -28,7 +28,6 @@ import os
 import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,7 @@ def software_versions() -> dict[str, str]:
     import subprocess
     from importlib import metadata
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for package in ("torchvision", "timm", "wsss"):
         try:
             versions[package] = metadata.version(package)
@@ -143,7 +142,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise WsssError(f"checkpoint '{path}' is not a file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):  # a torch file, but with pickled Python objects
+            reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+            raise WsssError(f"'{path}' is not a wsss checkpoint: it holds Python objects beyond tensors and plain "
+                            f"values, which are not loaded for safety ({reason[:200]})") from None
+        raise WsssError(f"checkpoint '{path}' cannot be read (truncated or not a torch file?): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 -- a damaged file fails in many ways inside the unpickler
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WsssError(f"checkpoint '{path}' cannot be read (truncated or not a torch file?): {first}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED_KEYS):

@@ -140,9 +140,33 @@ def cam_path_is_deterministic(network: nn.Module) -> bool:
     return True
 
 
+def present_classes(labels: Tensor) -> Tensor:
+    """labels [B, K] multi-hot -> long [B, K'] (K' = most classes any image has, >= 1): each
+    image's present classes in ascending order, padded with absent ones.
+
+    Everything after the network treats absent classes as exactly zero (masked CAMs, -inf
+    before each softmax, channel-wise PAR and random walk), so the pseudo-label pipeline may run
+    on these K' channels instead of all K (VOC: 1-3 instead of 20) and give the same labels.
+    Call it on the CPU copy of the labels (as loaded): K' is read without a device sync.
+    """
+    absent = (labels <= 0).to(torch.int8)
+    order = torch.sort(absent, dim=1, stable=True).indices
+    k = max(1, int((labels > 0).sum(dim=1).max())) if labels.numel() else 1
+    return order[:, :k]
+
+
+def _to_all_classes(label: Tensor, class_index: Tensor, ignore_index: int) -> Tensor:
+    """label [B, H, W] in 0..K' (+ ignore) over the classes of ``class_index`` [B, K'] -> 0..K (+ ignore)."""
+    b, k = class_index.shape
+    lookup = torch.cat([class_index.new_zeros(b, 1), class_index + 1], dim=1)  # compact -> full class id
+    full = lookup.gather(1, label.clamp(max=k).flatten(1)).view_as(label)
+    return torch.where(label == ignore_index, label, full)
+
+
 @dataclass
 class PseudoLabels:
-    cams: Tensor  # [B, K, H, W] multi-scale CAMs in [0, 1]
+    cams: Tensor  # [B, K', H, W] multi-scale CAMs in [0, 1] of the classes in class_index
+    class_index: Tensor  # long [B, K']: which class each CAM channel is (see present_classes)
     label: Tensor  # long [B, H, W] PAR-refined CAM label (255 = ignore)
     affinity: Tensor | None  # [B, N', N'] affinity of the afa.affinity_scale pass
     affinity_grid: tuple[int, int] | None  # its token grid (h', w')
@@ -158,10 +182,13 @@ def make_pseudo_labels(
     with_afa: bool,
     main_output: Any = None,
     timer: PhaseTimer | _NoTimer = NO_TIMER,
+    class_index: Tensor | None = None,
 ) -> PseudoLabels:
     """The no-grad half of an iteration: multi-scale CAM -> PAR label (-> AFA label).
 
-    ``network`` is the bare AFANetwork (not DDP). ``main_output`` (the training pass's
+    ``network`` is the bare AFANetwork (not DDP). ``class_index`` (:func:`present_classes`,
+    default: computed from ``labels``) restricts CAMs, PAR and random walk to the present
+    classes; the returned labels use the full class ids 0..K. ``main_output`` (the training pass's
     NetworkOutput of the same images) replaces the scale-1, non-flipped CAM pass when that is
     exact (:func:`cam_path_is_deterministic`); with drop-path active it would be a different
     random sample than a separate pass, so it is not reused.
@@ -171,6 +198,14 @@ def make_pseudo_labels(
     batch = images.shape[0]
     reuse = main_output is not None and cam_path_is_deterministic(network)
     grid: dict[str, tuple[int, int]] = {}
+    if class_index is None:
+        class_index = present_classes(labels.cpu())
+    class_index = class_index.to(device, non_blocking=True)
+    present = labels.gather(1, class_index)  # [B, K'] 1 = present, 0 = padding
+
+    def compact(cams: Tensor) -> Tensor:  # [B'', K, h, w] -> [B'', K', h, w], B'' = B or 2B
+        index = class_index.repeat(cams.shape[0] // batch, 1)
+        return cams.gather(1, index[:, :, None, None].expand(-1, -1, *cams.shape[-2:]))
 
     def cam_fn(x: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
         # multiscale_cam passes the unscaled images first (then their flip) at scale 1
@@ -189,23 +224,25 @@ def make_pseudo_labels(
                     aff = torch.cat([aff, flip_aff.to(aff.dtype)]) if aff is not None else None
         if with_affinity:
             grid["affinity"] = (int(cams.shape[-2]), int(cams.shape[-1]))
-        return cams, aff
+        return compact(cams), aff
 
     with torch.no_grad():
         with timer.phase("multiscale_cam"):
-            cams, affinity = multiscale_cam(cam_fn, images, labels, cfg.cam.scales, cfg.cam.flip,
+            cams, affinity = multiscale_cam(cam_fn, images, present, cfg.cam.scales, cfg.cam.flip,
                                             cfg.afa.affinity_scale)
         images01 = denormalize(images.float(), cfg.data.mean, cfg.data.std)
         ignore = cfg.data.ignore_index
         with timer.phase("pseudo_label_par"):
-            label = refine_cams_to_label(images01, cams, labels, cfg.cam, cfg.par, valid_box, ignore)
-        out = PseudoLabels(cams, label, affinity, grid.get("affinity"))
+            label = refine_cams_to_label(images01, cams, present, cfg.cam, cfg.par, valid_box, ignore)
+            label = _to_all_classes(label, class_index, ignore)
+        out = PseudoLabels(cams, class_index, label, affinity, grid.get("affinity"))
         if with_afa and affinity is not None:
             with timer.phase("affinity_random_walk"):
-                probs = propagate_cams(cams, labels, affinity, (cfg.cam.bg_threshold_high, cfg.cam.bg_threshold_low),
+                probs = propagate_cams(cams, present, affinity, (cfg.cam.bg_threshold_high, cfg.cam.bg_threshold_low),
                                        cfg.afa, grid_size=out.affinity_grid)
             with timer.phase("pseudo_label_par"):
-                out.afa_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, valid_box, ignore)
+                afa_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, valid_box, ignore)
+                out.afa_label = _to_all_classes(afa_label, class_index, ignore)
     return out
 
 
@@ -239,6 +276,7 @@ def train_step(
     images = batch["image"].to(device, non_blocking=True)
     labels = batch["label"].to(device, non_blocking=True)
     valid_box = batch["valid_box"].to(device, non_blocking=True)
+    class_index = present_classes(batch["label"]) if not warmup and batch["label"].device.type == "cpu" else None
 
     with timer.phase("forward"), autocast(device, tc.precision):
         # warm-up: only what the classification loss needs (no seg head, no attention logits)
@@ -246,7 +284,7 @@ def train_step(
 
     pseudo = None
     if not warmup:
-        pseudo = make_pseudo_labels(network, images, labels, valid_box, cfg, use_afa_label, out, timer)
+        pseudo = make_pseudo_labels(network, images, labels, valid_box, cfg, use_afa_label, out, timer, class_index)
 
     with timer.phase("losses"):
         cls_loss = classification_loss(out.cls_logits.float(), labels)
@@ -289,7 +327,9 @@ def build_optimizer(network: nn.Module, cfg: Config) -> torch.optim.AdamW:
     """AdamW over the network's parameter groups (lr = train.lr x lr_mult), betas, weight decay."""
     tc = cfg.train
     groups = network.param_groups(tc)
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.betas[0], tc.betas[1]), weight_decay=tc.weight_decay)
+    # fused: one kernel over all parameters (CPU and CUDA), same math and state as the default
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.betas[0], tc.betas[1]), weight_decay=tc.weight_decay,
+                             fused=True)
 
 
 def build_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler | None:

@@ -1,0 +1,204 @@
+"""Seconds per AFA training iteration, split by phase, and peak memory.
+
+    python bench/train_step.py                                  # mit_b1, batch 2, crop 320, CPU, fp32 and bf16
+    python bench/train_step.py --device cuda --crop 512 --precisions fp32 bf16 fp16
+    python bench/train_step.py --config demo --backbone mit_tiny --crop 128 --batch 8
+
+Random initialisation, a fixed synthetic batch (random images, 1-2 classes per image, a
+padded valid box), iteration index past ``train.afa_label_iter`` so every phase of the full
+path runs: network forward, multi-scale CAM, PAR pseudo labels (CAM and AFA branch),
+affinity labels + random walk, losses, backward, optimizer. Phases come from the
+trainer's own step (``wsss.engine.trainer.train_step`` with a ``PhaseTimer``; CUDA is
+synchronised at phase boundaries only because a timer is given). Median over
+``--iters`` iterations after ``--warmup``. Each precision runs in its own process so its
+peak memory (RSS on CPU, max allocated on CUDA) is its own.
+
+``--reference`` also times a reference-style iteration, built from the same method
+functions the way the published AFA training loop does it, fp32: the multi-scale CAM
+runs the whole network (segmentation head and affinity head at every scale), the pseudo
+labels and the random walk use all K classes, AdamW is the per-parameter loop. (The
+published encoder also computes explicit attention in every block and its PAR is an
+unfold-based module; neither is reproduced, so this baseline is faster than the original.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PHASES = ("forward", "multiscale_cam", "pseudo_label_par", "affinity_random_walk", "losses", "backward", "optimizer")
+NETWORK_PHASES = ("forward", "multiscale_cam", "backward", "optimizer")
+
+
+def reference_step(network, batch, cfg, optimizer, scheduler, device, timer) -> None:
+    """The published loop's structure (see the module docstring), timed by phase."""
+    import torch
+
+    from wsss.data.transforms import denormalize
+    from wsss.method.affinity import affinity_labels, label_to_grid, propagate_cams
+    from wsss.method.cam import multiscale_cam, refine_cams_to_label, refine_probs_to_label
+    from wsss.method.losses import affinity_loss, balanced_seg_loss, classification_loss
+
+    images, labels, box = (batch[k].to(device) for k in ("image", "label", "valid_box"))
+    ignore = cfg.data.ignore_index
+    with timer.phase("forward"):
+        out = network(images)
+    grid = {}
+
+    def full_forward(x, with_affinity):
+        o = network(x, with_seg=True, with_affinity=True)
+        grid["affinity"] = tuple(o.cams.shape[-2:])
+        return o.cams, o.affinity
+
+    with torch.no_grad():
+        with timer.phase("multiscale_cam"):
+            cams, affinity = multiscale_cam(full_forward, images, labels, cfg.cam.scales, cfg.cam.flip,
+                                            cfg.afa.affinity_scale)
+        images01 = denormalize(images, cfg.data.mean, cfg.data.std)
+        with timer.phase("pseudo_label_par"):
+            label = refine_cams_to_label(images01, cams, labels, cfg.cam, cfg.par, box, ignore)
+        with timer.phase("affinity_random_walk"):
+            aff_target = affinity_labels(label_to_grid(label, out.cams.shape[-2:]), cfg.afa.radius, ignore)
+            probs = propagate_cams(cams, labels, affinity, (cfg.cam.bg_threshold_high, cfg.cam.bg_threshold_low),
+                                   cfg.afa, grid_size=grid["affinity"])
+        with timer.phase("pseudo_label_par"):
+            afa_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, box, ignore)
+    with timer.phase("losses"):
+        tc = cfg.train
+        loss = (tc.cls_loss_weight * classification_loss(out.cls_logits, labels)
+                + tc.seg_loss_weight * balanced_seg_loss(out.seg_logits, afa_label, ignore)
+                + tc.aff_loss_weight * affinity_loss(out.affinity, aff_target))
+    with timer.phase("backward"):
+        loss.backward()
+    with timer.phase("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+
+def run_one(args: argparse.Namespace, precision: str, reference: bool = False) -> dict:
+    import torch
+
+    from wsss.config import load_config
+    from wsss.engine.trainer import PhaseTimer, build_optimizer, build_scaler, train_step
+    from wsss.engine.schedule import build_scheduler
+    from wsss.models.network import build_network
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, [
+        f"model.backbone={args.backbone}", "model.pretrained=", f"data.crop_size={args.crop}",
+        f"data.batch_size={args.batch}", f"train.precision={precision}", f"train.device={args.device}",
+        *args.overrides,
+    ])
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    num_classes = args.classes + 1
+    network = build_network(cfg, num_classes).to(device).train()
+    optimizer = build_optimizer(network, cfg)
+    if reference:
+        tc = cfg.train
+        optimizer = torch.optim.AdamW(network.param_groups(tc), lr=tc.lr, betas=tuple(tc.betas),
+                                      weight_decay=tc.weight_decay, foreach=False)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    scaler = build_scaler(cfg, device)
+
+    b, s, k = args.batch, args.crop, args.classes
+    labels = torch.zeros(b, k)
+    for i in range(b):
+        labels[i, torch.randperm(k)[: 1 + i % 2]] = 1
+    batch = {
+        "image": torch.randn(b, 3, s, s),
+        "label": labels,
+        "valid_box": torch.tensor([[0, s, 0, s - s // 8]] * b),  # some padding, as random crops have
+    }
+    iteration = max(cfg.train.afa_label_iter, cfg.train.cam_iters)
+    timer = PhaseTimer(device)
+    rows = []
+    for step in range(args.warmup + args.iters):
+        timer.reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if reference:
+            reference_step(network, batch, cfg, optimizer, scheduler, device, timer)
+        else:
+            train_step(network, batch, iteration, cfg, optimizer, scheduler, scaler, device, timer)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        total = time.perf_counter() - start
+        if step >= args.warmup:
+            rows.append({"total": total, **{p: timer.totals.get(p, 0.0) for p in PHASES}})
+    median = {key: statistics.median(r[key] for r in rows) for key in ("total", *PHASES)}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        peak_kind = "GPU max allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        peak_kind = "peak RSS"
+    return {"precision": precision + (" reference" if reference else ""), "median": median, "peak_gib": peak, "peak_kind": peak_kind,
+            "threads": torch.get_num_threads(), "iters": args.iters}
+
+
+def report(results: list[dict], args: argparse.Namespace) -> str:
+    lines = [f"AFA train step: {args.backbone}, batch {args.batch}, crop {args.crop}, {args.device}, random init, "
+             f"full path (past afa_label_iter); median of {args.iters} iterations after {args.warmup} warm-up; "
+             f"{results[0]['threads']} threads"]
+    header = f"{'phase':<22}" + "".join(f"{r['precision']:>18}" for r in results)
+    lines += [header, "-" * len(header)]
+    for phase in PHASES:
+        cells = "".join(f"{r['median'][phase]:>12.3f} s {100 * r['median'][phase] / r['median']['total']:>3.0f}%"
+                        for r in results)
+        lines.append(f"{phase:<22}{cells}")
+    lines.append("-" * len(header))
+    lines.append(f"{'iteration (median)':<22}" + "".join(f"{r['median']['total']:>14.3f} s    " for r in results))
+    non_net = [sum(r["median"][p] for p in PHASES if p not in NETWORK_PHASES) for r in results]
+    lines.append(f"{'non-network phases':<22}" + "".join(
+        f"{v:>12.3f} s {100 * v / r['median']['total']:>3.0f}%" for v, r in zip(non_net, results)))
+    lines.append(f"{results[0]['peak_kind']:<22}" + "".join(f"{r['peak_gib']:>14.2f} GiB  " for r in results))
+    lines.append("non-network = PAR pseudo labels + affinity labels / random walk + losses (the multi-scale CAM "
+                 "phase is network passes plus resizing)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="voc")
+    parser.add_argument("--backbone", default="mit_b1")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--crop", type=int, default=320)
+    parser.add_argument("--classes", type=int, default=20, help="foreground classes K")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--reference", action="store_true", help="also time the reference-style iteration (fp32)")
+    parser.add_argument("--json", action="store_true", help="(internal) run one precision, print JSON")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. cam.scales=[1.0,0.5]")
+    args = parser.parse_args()
+    if args.json:
+        print(json.dumps(run_one(args, args.precisions[0], args.reference)))
+        return
+    results = []
+    runs = [(p, False) for p in args.precisions] + ([("fp32", True)] if args.reference else [])
+    for precision, reference in runs:
+        cmd = [sys.executable, __file__, "--json", "--precisions", precision, "--config", args.config,
+               *(["--reference"] if reference else []),
+               "--backbone", args.backbone, "--batch", str(args.batch), "--crop", str(args.crop),
+               "--classes", str(args.classes), "--device", args.device, "--iters", str(args.iters),
+               "--warmup", str(args.warmup), "--threads", str(args.threads), *args.overrides]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{precision} run failed:\n{out.stderr}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(report(results, args))
+
+
+if __name__ == "__main__":
+    main()
