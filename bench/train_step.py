@@ -125,6 +125,7 @@ def run_one(args: argparse.Namespace, precision: str, reference: bool = False) -
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
+        cpu_start = time.process_time()
         if reference:
             reference_step(network, batch, cfg, optimizer, scheduler, device, timer)
         else:
@@ -132,9 +133,10 @@ def run_one(args: argparse.Namespace, precision: str, reference: bool = False) -
         if device.type == "cuda":
             torch.cuda.synchronize()
         total = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
         if step >= args.warmup:
-            rows.append({"total": total, **{p: timer.totals.get(p, 0.0) for p in PHASES}})
-    median = {key: statistics.median(r[key] for r in rows) for key in ("total", *PHASES)}
+            rows.append({"total": total, "cpu": cpu, **{p: timer.totals.get(p, 0.0) for p in PHASES}})
+    median = {key: statistics.median(r[key] for r in rows) for key in ("total", "cpu", *PHASES)}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         peak_kind = "GPU max allocated"
@@ -157,6 +159,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"{phase:<22}{cells}")
     lines.append("-" * len(header))
     lines.append(f"{'iteration (median)':<22}" + "".join(f"{r['median']['total']:>14.3f} s    " for r in results))
+    lines.append(f"{'  CPU time, all threads':<22}" + "".join(f"{r['median']['cpu']:>14.3f} s    " for r in results))
     non_net = [sum(r["median"][p] for p in PHASES if p not in NETWORK_PHASES) for r in results]
     lines.append(f"{'non-network phases':<22}" + "".join(
         f"{v:>12.3f} s {100 * v / r['median']['total']:>3.0f}%" for v, r in zip(non_net, results)))

@@ -1,0 +1,134 @@
+"""train -> pseudolabel -> eval through the command line on a tiny demo dataset, and the
+one-line errors a user gets for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsss.data.demo import build_demo_dataset
+from wsss.data.io import read_label_png
+
+NUM_TRAIN, NUM_VAL, NUM_CLASSES = 16, 6, 3
+TINY = [
+    "data.crop_size=64", "data.batch_size=4", "data.num_workers=0", "model.seg_embed_dim=32",
+    "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0", "afa.radius=2", "eval.long_side=64",
+    "train.iterations=6", "train.cam_iters=2", "train.afa_label_iter=4", "train.warmup_iters=2",
+    "train.log_interval=2", "train.val_interval=3", "train.ckpt_interval=3", "train.image_log_interval=3",
+]
+
+
+def wsss(*args: str, prelude: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI entry point (``wsss.cli.main``) in a fresh interpreter; ``prelude`` runs first."""
+    code = f"{prelude}\nimport sys\nfrom wsss.cli import main\nsys.argv = ['wsss', *sys.argv[1:]]\nmain()"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = build_demo_dataset(root / "demo", num_classes=NUM_CLASSES, image_size=64, num_train=NUM_TRAIN,
+                              num_val=NUM_VAL)
+    work = root / "work"
+    out = wsss("train", "demo", "--data-root", str(data), "--work-dir", str(work), *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return data, work
+
+
+def error_line(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    return errors[0]
+
+
+def test_train_writes_checkpoints_config_versions_log_and_tensorboard_events(trained):
+    _, work = trained
+    for name in ("last.pt", "best.pt", "config.yaml", "versions.json", "train.log"):
+        assert (work / name).is_file(), name
+    assert list((work / "tb").glob("events.out.tfevents.*"))
+    last = torch.load(work / "last.pt", weights_only=True)
+    assert last["iteration"] == 6 and last["num_classes"] == NUM_CLASSES + 1
+    assert last["class_names"][0] == "background" and 0 <= last["best_miou"] <= 100
+    versions = json.loads((work / "versions.json").read_text())
+    assert {"python", "torch", "torchvision", "timm", "wsss"} <= set(versions)
+    assert "val mIoU cam" in (work / "train.log").read_text()
+
+
+def test_tensorboard_has_losses_lr_val_mious_and_image_grids(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, work = trained
+    events = EventAccumulator(str(work / "tb")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/cls", "loss/seg", "loss/aff", "lr", "val/cam_miou", "val/afa_miou",
+            "val/seg_miou"} <= scalars
+    assert events.Tags()["images"]
+
+
+def test_pseudolabel_writes_one_label_png_per_image_and_scores_them(trained):
+    data, work = trained
+    out_dir = work / "labels_afa"
+    out = wsss("pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train", "--method", "afa",
+               "--eval", "--out", str(out_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    pngs = sorted(out_dir.glob("*.png"))
+    assert len(pngs) == NUM_TRAIN
+    label = read_label_png(pngs[0])
+    assert label.shape == (64, 64) and set(np.unique(label)) <= set(range(NUM_CLASSES + 1)) | {255}
+    miou = float(re.search(r"^mIoU\s+([0-9.]+)", out.stdout, re.M).group(1))
+    assert 0 <= miou <= 100
+
+
+def test_eval_of_the_checkpoint_writes_metrics_in_range(trained):
+    data, work = trained
+    out = wsss("eval", "--checkpoint", str(work / "best.pt"), "--split", "val", "--json", str(work / "val.json"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((work / "val.json").read_text())
+    assert 0 <= metrics["miou"] <= 100 and 0 <= metrics["pixel_acc"] <= 100
+    assert len(metrics["iou"]) == NUM_CLASSES + 1
+
+
+def test_resume_through_the_cli_continues_to_the_new_iteration_count(trained, tmp_path):
+    data, work = trained
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes((work / "last.pt").read_bytes())
+    out = wsss("train", "demo", "--data-root", str(data), "--work-dir", str(resumed), *TINY,
+               "train.iterations=7", "train.val_interval=0", "--resume", str(resumed / "last.pt"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert torch.load(resumed / "last.pt", weights_only=True)["iteration"] == 7
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path):
+    line = error_line(wsss("eval", "--checkpoint", str(tmp_path / "nope.pt")))
+    assert "nope.pt" in line and "does not exist" in line
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path):
+    line = error_line(wsss("train", "demo", "--work-dir", str(tmp_path), "train.lrr=1"))
+    assert "unknown config key 'train.lrr'" in line and "did you mean 'lr'" in line
+
+
+def test_missing_dataset_directory_is_one_line_error(tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    line = error_line(wsss("train", "demo", "--data-root", str(missing), "--work-dir", str(tmp_path / "w")))
+    assert str(missing) in line and "does not exist" in line
+
+
+def test_crf_without_pydensecrf2_is_one_line_error_naming_the_package(trained, tmp_path):
+    _, work = trained
+    hide = "import sys\nsys.modules['pydensecrf'] = None\nsys.modules['pydensecrf.densecrf'] = None"
+    line = error_line(wsss("pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train",
+                           "--method", "cam", "--crf", "--out", str(tmp_path / "crf"), prelude=hide))
+    assert "pydensecrf2" in line
