@@ -7,6 +7,7 @@ done from Python (see README, "Python API").
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -177,7 +178,8 @@ def evaluate(
             checkpoint, split=split, target=target, msc=msc, crf=crf, save_dir=save, data_root=data_root,
             overrides=overrides or [],
         )
-    if result is None:  # e.g. the test split: predictions written, no ground truth
+    # None: e.g. the test split (predictions written, no ground truth); under torchrun only rank 0 reports.
+    if result is None or int(os.environ.get("RANK", "0")) != 0:
         return
     typer.echo(format_table(result))
     if json_file is not None:
