@@ -1,5 +1,10 @@
 """train -> pseudolabel -> eval through the command line on a tiny demo dataset, and the
-one-line errors a user gets for bad input."""
+one-line errors a user gets for bad input.
+
+Training and the missing-checkpoint error run the real console entry point in a fresh
+interpreter (what a user sees, traceback or not); the other commands call the same
+``wsss.cli.main`` in this process to save the interpreter start-up.
+"""
 
 from __future__ import annotations
 
@@ -26,11 +31,29 @@ TINY = [
 ]
 
 
-def wsss(*args: str, prelude: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI entry point (``wsss.cli.main``) in a fresh interpreter; ``prelude`` runs first."""
-    code = f"{prelude}\nimport sys\nfrom wsss.cli import main\nsys.argv = ['wsss', *sys.argv[1:]]\nmain()"
+def wsss(*args: str) -> subprocess.CompletedProcess:
+    """The ``wsss`` console entry point (``wsss.cli.main``) in a fresh interpreter."""
+    code = "import sys\nfrom wsss.cli import main\nsys.argv = ['wsss', *sys.argv[1:]]\nmain()"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+
+
+def wsss_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The same entry point in this process (no interpreter start-up), exit code and output captured."""
+    from wsss.cli import main
+
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = ["wsss", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +99,10 @@ def test_tensorboard_has_losses_lr_val_mious_and_image_grids(trained):
     assert events.Tags()["images"]
 
 
-def test_pseudolabel_writes_one_label_png_per_image_and_scores_them(trained):
+def test_pseudolabel_writes_one_label_png_per_image_and_scores_them(trained, capsys):
     data, work = trained
     out_dir = work / "labels_afa"
-    out = wsss("pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train", "--method", "afa",
+    out = wsss_here(capsys, "pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train", "--method", "afa",
                "--eval", "--out", str(out_dir))
     assert out.returncode == 0, out.stderr[-3000:]
     pngs = sorted(out_dir.glob("*.png"))
@@ -90,21 +113,21 @@ def test_pseudolabel_writes_one_label_png_per_image_and_scores_them(trained):
     assert 0 <= miou <= 100
 
 
-def test_eval_of_the_checkpoint_writes_metrics_in_range(trained):
+def test_eval_of_the_checkpoint_writes_metrics_in_range(trained, capsys):
     data, work = trained
-    out = wsss("eval", "--checkpoint", str(work / "best.pt"), "--split", "val", "--json", str(work / "val.json"))
+    out = wsss_here(capsys, "eval", "--checkpoint", str(work / "best.pt"), "--split", "val", "--json", str(work / "val.json"))
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((work / "val.json").read_text())
     assert 0 <= metrics["miou"] <= 100 and 0 <= metrics["pixel_acc"] <= 100
     assert len(metrics["iou"]) == NUM_CLASSES + 1
 
 
-def test_resume_through_the_cli_continues_to_the_new_iteration_count(trained, tmp_path):
+def test_resume_through_the_cli_continues_to_the_new_iteration_count(trained, tmp_path, capsys):
     data, work = trained
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "last.pt").write_bytes((work / "last.pt").read_bytes())
-    out = wsss("train", "demo", "--data-root", str(data), "--work-dir", str(resumed), *TINY,
+    out = wsss_here(capsys, "train", "demo", "--data-root", str(data), "--work-dir", str(resumed), *TINY,
                "train.iterations=7", "train.val_interval=0", "--resume", str(resumed / "last.pt"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert torch.load(resumed / "last.pt", weights_only=True)["iteration"] == 7
@@ -115,20 +138,21 @@ def test_missing_checkpoint_is_one_line_error(tmp_path):
     assert "nope.pt" in line and "does not exist" in line
 
 
-def test_unknown_config_key_is_one_line_error(tmp_path):
-    line = error_line(wsss("train", "demo", "--work-dir", str(tmp_path), "train.lrr=1"))
+def test_unknown_config_key_is_one_line_error(tmp_path, capsys):
+    line = error_line(wsss_here(capsys, "train", "demo", "--work-dir", str(tmp_path), "train.lrr=1"))
     assert "unknown config key 'train.lrr'" in line and "did you mean 'lr'" in line
 
 
-def test_missing_dataset_directory_is_one_line_error(tmp_path):
+def test_missing_dataset_directory_is_one_line_error(tmp_path, capsys):
     missing = tmp_path / "no_such_dataset"
-    line = error_line(wsss("train", "demo", "--data-root", str(missing), "--work-dir", str(tmp_path / "w")))
+    line = error_line(wsss_here(capsys, "train", "demo", "--data-root", str(missing), "--work-dir", str(tmp_path / "w")))
     assert str(missing) in line and "does not exist" in line
 
 
-def test_crf_without_pydensecrf2_is_one_line_error_naming_the_package(trained, tmp_path):
+def test_crf_without_pydensecrf2_is_one_line_error_naming_the_package(trained, tmp_path, capsys, monkeypatch):
     _, work = trained
-    hide = "import sys\nsys.modules['pydensecrf'] = None\nsys.modules['pydensecrf.densecrf'] = None"
-    line = error_line(wsss("pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train",
-                           "--method", "cam", "--crf", "--out", str(tmp_path / "crf"), prelude=hide))
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)  # import pydensecrf now raises ImportError
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    line = error_line(wsss_here(capsys, "pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train",
+                                "--method", "cam", "--crf", "--out", str(tmp_path / "crf")))
     assert "pydensecrf2" in line
