@@ -93,3 +93,9 @@ def test_yaml_file_with_base_and_errors(tmp_path):
 def test_round_trip_through_dict():
     cfg = load_config("coco", ["train.lr=2e-5"])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_folder_named_like_a_builtin_config_does_not_hide_it(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("demo").data.hflip is False

@@ -319,7 +319,7 @@ def builtin_config_names() -> list[str]:
 
 def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named like a config is not one
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         text, source = path.read_text(), str(path)
