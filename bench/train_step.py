@@ -143,7 +143,8 @@ def run_one(args: argparse.Namespace, precision: str, reference: bool = False) -
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         peak_kind = "peak RSS"
-    return {"precision": precision + (" reference" if reference else ""), "median": median, "peak_gib": peak, "peak_kind": peak_kind,
+    return {"precision": precision + (" reference" if reference else ""), "median": median, "peak_gib": peak,
+            "peak_kind": peak_kind,
             "threads": torch.get_num_threads(), "iters": args.iters}
 
 

@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +28,15 @@ TINY = [
     "train.iterations=6", "train.cam_iters=2", "train.afa_label_iter=4", "train.warmup_iters=2",
     "train.log_interval=2", "train.val_interval=3", "train.ckpt_interval=3", "train.image_log_interval=3",
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-offs that cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def wsss(*args: str) -> subprocess.CompletedProcess:
@@ -115,7 +123,8 @@ def test_pseudolabel_writes_one_label_png_per_image_and_scores_them(trained, cap
 
 def test_eval_of_the_checkpoint_writes_metrics_in_range(trained, capsys):
     data, work = trained
-    out = wsss_here(capsys, "eval", "--checkpoint", str(work / "best.pt"), "--split", "val", "--json", str(work / "val.json"))
+    out = wsss_here(capsys, "eval", "--checkpoint", str(work / "best.pt"), "--split", "val",
+                    "--json", str(work / "val.json"))
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((work / "val.json").read_text())
     assert 0 <= metrics["miou"] <= 100 and 0 <= metrics["pixel_acc"] <= 100
@@ -145,7 +154,8 @@ def test_unknown_config_key_is_one_line_error(tmp_path, capsys):
 
 def test_missing_dataset_directory_is_one_line_error(tmp_path, capsys):
     missing = tmp_path / "no_such_dataset"
-    line = error_line(wsss_here(capsys, "train", "demo", "--data-root", str(missing), "--work-dir", str(tmp_path / "w")))
+    line = error_line(wsss_here(capsys, "train", "demo", "--data-root", str(missing),
+                                "--work-dir", str(tmp_path / "w")))
     assert str(missing) in line and "does not exist" in line
 
 

@@ -18,6 +18,15 @@ from wsss.models.network import build_network
 K = 3  # foreground classes of the tiny setting
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-offs that cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(*overrides: str):
     return load_config("demo", [
         "data.crop_size=64", "data.batch_size=2", "model.seg_embed_dim=32", "cam.scales=[1.0,0.5]",
