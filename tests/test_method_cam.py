@@ -15,6 +15,7 @@ from wsss.method.cam import (
     multiscale_cam,
     refine_cams_to_label,
     refine_probs_to_label,
+    scaled_par_kernel,
 )
 
 IGNORE = 255
@@ -202,3 +203,19 @@ def test_refine_probs_to_label_upsamples_grid_probabilities_and_applies_the_rule
     assert label[0, :, :8].eq(1).all()
     assert label[0, :, 8:14].eq(IGNORE).all()  # high says bg, low says fg -> ignored
     assert label[0, :, 14:].eq(IGNORE).all()  # outside the box
+
+
+def test_a_shared_par_kernel_gives_the_labels_of_separate_calls():
+    torch.manual_seed(0)
+    images, cams = torch.rand(2, 3, 32, 24), torch.rand(2, K, 32, 24)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    probs = torch.rand(2, 2, K + 1, 6, 4).softmax(dim=2)
+    par = ParConfig()
+    kernel = scaled_par_kernel(images, par)
+    assert kernel.shape == (2, 8 * len(par.dilations), 16, 12)  # at par.scale = 0.5
+    separate = refine_cams_to_label(images, cams, labels, CamConfig(), par, ignore_index=IGNORE)
+    shared = refine_cams_to_label(images, cams, labels, CamConfig(), par, ignore_index=IGNORE, kernel=kernel)
+    assert torch.equal(shared, separate) and shared.ne(IGNORE).any()
+    separate = refine_probs_to_label(images, probs[:, 0], probs[:, 1], par, ignore_index=IGNORE)
+    shared = refine_probs_to_label(images, probs[:, 0], probs[:, 1], par, ignore_index=IGNORE, kernel=kernel)
+    assert torch.equal(shared, separate)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from wsss.engine.metrics import ConfusionMatrix, format_table
+from wsss.engine.metrics import ConfusionMatrix, format_table, to_json
 
 # 4 classes; class 3 appears in neither ground truth nor prediction.
 GT = np.array([[0, 0, 1, 1],
@@ -140,3 +141,11 @@ def test_reduce_sums_the_matrices_of_all_ranks(tmp_path):
     results = dict(queue.get(timeout=60) for _ in range(2))
     for rank in (0, 1):
         np.testing.assert_array_equal(np.array(results[rank]), EXPECTED)
+
+
+def test_json_writes_the_iou_of_an_absent_class_as_null():
+    cm = ConfusionMatrix(4)
+    cm.update(PRED, GT)
+    data = json.loads(to_json(cm.compute()))  # strict JSON: NaN would not be valid
+    assert data["iou"][3] is None
+    assert data["iou"][:3] == pytest.approx(EXPECTED_IOU)

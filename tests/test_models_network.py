@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from torch import nn
 
 from wsss.config import load_config
-from wsss.errors import ConfigError, WsssError
+from wsss.errors import ConfigError
 from wsss.models.network import AFANetwork, build_network
 
 C = 6  # classes incl. background
@@ -77,7 +75,8 @@ def test_param_groups_cover_every_trainable_parameter_once_with_their_lr(freeze)
     cfg = load_config("demo", [f"train.freeze_backbone_norm={freeze}", "train.lr=1e-4", "train.head_lr_mult=10"])
     net = build_network(cfg, C)
     groups = net.param_groups(cfg.train)
-    assert [g["name"] for g in groups] == ["backbone", "backbone_norm", "cam_afa_heads", "seg_head"]
+    assert [g["name"] for g in groups] == ["backbone", "backbone_norm", "cam_afa_heads", "seg_head", "seg_head_no_decay"]
+    assert groups[-1]["params"] == []  # the SegFormer head decays everything
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in net.parameters() if p.requires_grad}
@@ -115,10 +114,18 @@ def test_mask_decoder_seg_head_returns_deep_supervision():
     assert len(out.seg_aux) == 2 and all(a.shape == out.seg_logits.shape for a in out.seg_aux)
 
 
-def test_missing_mask_decoder_module_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "wsss.models.mask_decoder", None)  # import now fails
-    with pytest.raises(WsssError, match="model.seg_head='mask_decoder' needs wsss/models/mask_decoder.py"):
-        _network("model.seg_head=mask_decoder")
+def test_mask_decoder_embeddings_and_soft_scales_are_not_weight_decayed():
+    net = _network("model.seg_head=mask_decoder", "model.mask_decoder.cross_attention=soft",
+                   "model.mask_decoder.num_layers=2", "model.mask_decoder.num_queries=8",
+                   "model.mask_decoder.hidden_dim=32", "model.mask_decoder.ffn_dim=64",
+                   "model.mask_decoder.num_heads=2", "model.mask_decoder.soft_mask_scales=[8.0,4.0]")
+    groups = {g["name"]: g for g in net.param_groups(load_config("demo").train)}
+    head = net.seg_head
+    expected = {id(head.query_feat.weight), id(head.query_pos.weight), id(head.level_embed.weight),
+                *(id(layer.soft_mask_scales) for layer in head.layers)}
+    assert {id(p) for p in groups["seg_head_no_decay"]["params"]} == expected
+    assert groups["seg_head_no_decay"]["weight_decay"] == 0.0
+    assert groups["seg_head"]["weight_decay"] > 0 and not expected & {id(p) for p in groups["seg_head"]["params"]}
 
 
 def test_a_timm_vit_network_end_to_end():

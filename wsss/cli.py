@@ -6,7 +6,6 @@ done from Python (see README, "Python API").
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -161,7 +160,7 @@ def evaluate(
     """mIoU (one accumulated confusion matrix, 255 ignored), per-class IoU and pixel accuracy."""
     if (pred is None) == (checkpoint is None):
         raise WsssError("give exactly one of --pred DIR or --checkpoint FILE")
-    from wsss.engine.metrics import format_table
+    from wsss.engine.metrics import format_table, to_json
 
     if pred is not None:
         from wsss.engine.evaluation import evaluate_prediction_dir
@@ -184,7 +183,7 @@ def evaluate(
     typer.echo(format_table(result))
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(json.dumps(result, indent=2))
+        json_file.write_text(to_json(result) + "\n")
 
 
 # --------------------------------------------------------------------------- viz

@@ -28,6 +28,7 @@ Conventions:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -202,4 +203,19 @@ def format_table(result: dict[str, Any], class_names: Sequence[str] | None = Non
     return "\n".join(lines)
 
 
-__all__ = ["ConfusionMatrix", "format_table"]
+def to_json(result: Any) -> str:
+    """``result`` as JSON text, non-finite floats (the IoU of an absent class) written as null."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        return value
+
+    return json.dumps(clean(result), indent=2, allow_nan=False)
+
+
+__all__ = ["ConfusionMatrix", "format_table", "to_json"]

@@ -56,7 +56,7 @@ from wsss.engine.checkpoint import (
 from wsss.engine.schedule import build_scheduler
 from wsss.errors import DatasetError, WsssError
 from wsss.method.affinity import affinity_labels, label_to_grid, propagate_cams
-from wsss.method.cam import multiscale_cam, refine_cams_to_label, refine_probs_to_label
+from wsss.method.cam import multiscale_cam, refine_cams_to_label, refine_probs_to_label, scaled_par_kernel
 from wsss.method.losses import affinity_loss, balanced_seg_loss, classification_loss
 
 logger = logging.getLogger(__name__)
@@ -233,7 +233,8 @@ def make_pseudo_labels(
         images01 = denormalize(images.float(), cfg.data.mean, cfg.data.std)
         ignore = cfg.data.ignore_index
         with timer.phase("pseudo_label_par"):
-            label = refine_cams_to_label(images01, cams, present, cfg.cam, cfg.par, valid_box, ignore)
+            kernel = scaled_par_kernel(images01, cfg.par)  # shared by the CAM and the AFA branch
+            label = refine_cams_to_label(images01, cams, present, cfg.cam, cfg.par, valid_box, ignore, kernel)
             label = _to_all_classes(label, class_index, ignore)
         out = PseudoLabels(cams, class_index, label, affinity, grid.get("affinity"))
         if with_afa and affinity is not None:
@@ -241,7 +242,8 @@ def make_pseudo_labels(
                 probs = propagate_cams(cams, present, affinity, (cfg.cam.bg_threshold_high, cfg.cam.bg_threshold_low),
                                        cfg.afa, grid_size=out.affinity_grid)
             with timer.phase("pseudo_label_par"):
-                afa_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, valid_box, ignore)
+                afa_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, valid_box, ignore,
+                                                  kernel)
                 out.afa_label = _to_all_classes(afa_label, class_index, ignore)
     return out
 
@@ -467,7 +469,7 @@ def image_grid(images: Tensor, pseudo: PseudoLabels, seg_logits: Tensor | None, 
     label = pseudo.label[:n].cpu()
     afa = pseudo.afa_label[:n].cpu() if pseudo.afa_label is not None else torch.full_like(label, 255)
     if seg_logits is not None:
-        seg = F.interpolate(seg_logits[:n].float(), size=size, mode="bilinear", align_corners=False).argmax(1).cpu()
+        seg = F.interpolate(seg_logits[:n].float(), size=size, mode="bilinear", align_corners=False).max(1).indices.cpu()
     else:
         seg = torch.full_like(label, 255)
     tiles = []

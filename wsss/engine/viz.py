@@ -47,7 +47,7 @@ from wsss.engine.inference import predict_seg
 from wsss.engine.metrics import ConfusionMatrix
 from wsss.errors import WsssError
 from wsss.method.affinity import propagate_cams
-from wsss.method.cam import multiscale_cam, refine_cams_to_label, refine_probs_to_label
+from wsss.method.cam import multiscale_cam, refine_cams_to_label, refine_probs_to_label, scaled_par_kernel
 from wsss.models.network import AFANetwork
 
 # --------------------------------------------------------------------------- colours
@@ -395,8 +395,9 @@ def _compute_maps(
     cams, affinity = multiscale_cam(cam_fn, x, label_t, cfg.cam.scales, flip=cfg.cam.flip,
                                     affinity_scale=cfg.afa.affinity_scale)
     ignore = IGNORE_VALUE  # the maps are display maps in the label-file convention (255 = ignore)
-    par_label = refine_cams_to_label(images01, cams, label_t, cfg.cam, cfg.par, ignore_index=ignore)
-    seg = predict_seg(network, x, [1.0], flip=False, out_size=size).argmax(dim=0)
+    kernel = scaled_par_kernel(images01, cfg.par)  # shared by the PAR and the random-walk label
+    par_label = refine_cams_to_label(images01, cams, label_t, cfg.cam, cfg.par, ignore_index=ignore, kernel=kernel)
+    seg = predict_seg(network, x, [1.0], flip=False, out_size=size).max(dim=0).indices
 
     rw_label = None
     points: list[tuple[int, int]] = []
@@ -406,7 +407,8 @@ def _compute_maps(
         h, w = grid[0]
         probs = propagate_cams(cams, label_t, affinity, (cfg.cam.bg_threshold_high, cfg.cam.bg_threshold_low),
                                cfg.afa, grid_size=(h, w))
-        rw_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, ignore_index=ignore)
+        rw_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, ignore_index=ignore,
+                                         kernel=kernel)
         # query tokens: the most confident token of each shown class, and the token where
         # the strongest shown CAM is weakest (the most confident background)
         cams_grid = _to_size(cams, (h, w))[0, [c - 1 for c in classes]].flatten(1)  # [S, N]

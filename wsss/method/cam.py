@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.config import CamConfig, ParConfig
-from wsss.method.par import refine_with_par
+from wsss.method.par import par_kernel, refine_with_par
 
 # Min-max normalization guard: cam / (max + 1e-5) (reference value).
 CAM_NORM_EPS = 1e-5
@@ -150,12 +150,23 @@ def combine_high_low(label_high: Tensor, label_low: Tensor, ignore_index: int = 
     )
 
 
+def scaled_par_kernel(images01: Tensor, par_cfg: ParConfig) -> Tensor:
+    """The PAR kernel of images01 [B, 3, H, W] at par_cfg.scale -> [B, n, h, w].
+
+    Pass it as ``kernel`` to several pseudo-label calls on the same images (the CAM and the
+    AFA branch of one training step) to compute it once.
+    """
+    images = _resize(images01.float(), scaled_size(images01.shape[-2:], par_cfg.scale))
+    return par_kernel(images, par_cfg.dilations, par_cfg.w1, par_cfg.w2)
+
+
 def _par_high_low_label(
     images01: Tensor,
     probs: Tensor,
     par_cfg: ParConfig,
     valid_box: Tensor | None,
     ignore_index: int,
+    kernel: Tensor | None,
 ) -> Tensor:
     """images01 [B, 3, H, W], probs [B, 2, C, h, w] (high, low) -> long [B, H, W].
 
@@ -165,9 +176,10 @@ def _par_high_low_label(
     size = images01.shape[-2:]
     par_size = scaled_size(size, par_cfg.scale)
     images = _resize(images01.float(), par_size)
-    refined = refine_with_par(images, probs.reshape(b, s * c, *probs.shape[-2:]), par_cfg)
+    refined = refine_with_par(images, probs.reshape(b, s * c, *probs.shape[-2:]), par_cfg, kernel)
     refined = _resize(refined, size).view(b, s, c, *size)
-    label_high, label_low = refined.argmax(dim=2).unbind(dim=1)
+    # max(...).indices: the same first-maximum index as argmax, ~10x faster on CPU over a non-last dim
+    label_high, label_low = refined.max(dim=2).indices.unbind(dim=1)
     return ignore_outside_box(combine_high_low(label_high, label_low, ignore_index), valid_box, ignore_index)
 
 
@@ -179,6 +191,7 @@ def refine_cams_to_label(
     par_cfg: ParConfig,
     valid_box: Tensor | None = None,
     ignore_index: int = 255,
+    kernel: Tensor | None = None,
 ) -> Tensor:
     """The PAR-refined CAM pseudo label (afa.md sec. 2).
 
@@ -191,11 +204,12 @@ def refine_cams_to_label(
     (softmax over background + present classes), both refined by ONE PAR call, upsampled
     back, argmaxed and combined: foreground only where it beats the high threshold,
     background only where it loses even to the low one, the band in between ignored.
+    ``kernel``: ``scaled_par_kernel(images01, par_cfg)`` when the caller already has it.
     """
     par_size = scaled_size(images01.shape[-2:], par_cfg.scale)
     cams = _resize(cams.float(), par_size)
     probs = cams_with_background(cams, labels, (cam_cfg.bg_threshold_high, cam_cfg.bg_threshold_low))
-    return _par_high_low_label(images01, probs, par_cfg, valid_box, ignore_index)
+    return _par_high_low_label(images01, probs, par_cfg, valid_box, ignore_index, kernel)
 
 
 def refine_probs_to_label(
@@ -205,20 +219,22 @@ def refine_probs_to_label(
     par_cfg: ParConfig,
     valid_box: Tensor | None = None,
     ignore_index: int = 255,
+    kernel: Tensor | None = None,
 ) -> Tensor:
     """The AFA-branch pseudo label from propagated probabilities (afa.md sec. 3).
 
     images01 [B, 3, H, W] in [0, 1]; probs_high / probs_low [B, C, h, w] (random-walk output
     for the high / low background score, e.g. at the token grid) -> long [B, H, W].
     The probabilities are upsampled to H x W, PAR-refined at par_cfg.scale (one call for
-    both), upsampled back, argmaxed and combined with ``combine_high_low``.
+    both), upsampled back, argmaxed and combined with ``combine_high_low``. ``kernel``: as
+    for ``refine_cams_to_label``.
     """
     size = images01.shape[-2:]
     probs = torch.stack([_resize(probs_high.float(), size), _resize(probs_low.float(), size)], dim=1)
-    return _par_high_low_label(images01, probs, par_cfg, valid_box, ignore_index)
+    return _par_high_low_label(images01, probs, par_cfg, valid_box, ignore_index, kernel)
 
 
 __all__ = [
     "CAM_NORM_EPS", "cam_to_label", "cams_with_background", "combine_high_low", "ignore_outside_box",
-    "multiscale_cam", "refine_cams_to_label", "refine_probs_to_label", "scaled_size",
+    "multiscale_cam", "refine_cams_to_label", "refine_probs_to_label", "scaled_par_kernel", "scaled_size",
 ]

@@ -79,7 +79,7 @@ def soft_attention_bias(mask_logits: Tensor, scales: Tensor) -> Tensor:
 def kmeans_assignment(logits: Tensor) -> Tensor:
     """One-hot argmax over queries: logits [B, Q, S] -> float32 [B, Q, S] (ties: lowest index), no gradient."""
     with torch.no_grad():
-        index = logits.detach().argmax(dim=1, keepdim=True)
+        index = logits.detach().max(dim=1, keepdim=True).indices  # = argmax (first maximum), faster on CPU
         return torch.zeros(logits.shape, device=logits.device, dtype=torch.float32).scatter_(1, index, 1.0)
 
 
@@ -302,6 +302,11 @@ class MaskDecoderHead(nn.Module):
         self.decoder_norm = nn.LayerNorm(dim)
         self.class_head = nn.Linear(dim, num_classes + 1)  # + no-object
         self.mask_embed = MLP(dim, 3)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters AdamW must not decay: embeddings and soft-mask scales (Mask2Former)."""
+        return {name for name, _ in self.named_parameters()
+                if name.split(".")[0] in ("query_feat", "query_pos", "level_embed") or name.endswith("soft_mask_scales")}
 
     def _pixel_features(self, fpn_map: Tensor) -> Tensor:
         """[B, D, h, w] FPN map -> per-pixel mask features (L2-normalized for kmeans, as kMaX)."""

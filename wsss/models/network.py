@@ -5,7 +5,7 @@
     cams, affinity = net.cam_forward(images, True)  # the ``cam_fn`` of multiscale_cam
     optimizer = torch.optim.AdamW(net.param_groups(cfg.train), betas=cfg.train.betas)
 
-Optimizer parameter groups (AFA sec. 5 of the design notes), always the same four, in
+Optimizer parameter groups (AFA sec. 5 of the design notes), always the same five, in
 this order, each dict with "name", "params", "lr", "lr_mult", "weight_decay" (a scheduler
 sets ``group["lr"] = lr_now * group["lr_mult"]``):
 
@@ -17,6 +17,10 @@ sets ``group["lr"] = lr_now * group["lr_mult"]``):
                      whichever way the flag is set.
 - ``cam_afa_heads``  classifier + affinity 1x1 conv: lr x ``train.head_lr_mult``
 - ``seg_head``       segmentation head: lr x ``train.head_lr_mult``
+- ``seg_head_no_decay``  the head parameters its ``no_weight_decay()`` names (the mask
+                     decoder's query / level embeddings and soft-mask scales, as
+                     Mask2Former): lr x ``train.head_lr_mult``, weight decay 0; empty for
+                     the SegFormer head
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from wsss.config import Config, TrainConfig
-from wsss.errors import ConfigError, WsssError
+from wsss.errors import ConfigError
 from wsss.models.backbones import create_backbone
 from wsss.models.heads import AffinityHead, CamClassifier, SegFormerHead
 
@@ -79,18 +83,21 @@ class AFANetwork(nn.Module):
         return cams, self.affinity_head(attn_logits) if with_affinity else None
 
     def param_groups(self, train_cfg: TrainConfig) -> list[dict]:
-        """The four optimizer groups of the module docstring; every trainable parameter once."""
+        """The five optimizer groups of the module docstring; every trainable parameter once."""
         norm_ids = {
             id(p) for m in self.backbone.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)
         }
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         head_mult = train_cfg.head_lr_mult
+        no_decay_fn = getattr(self.seg_head, "no_weight_decay", None)
+        no_decay = set(no_decay_fn()) if no_decay_fn is not None else set()
         norm_mult = 0.0 if train_cfg.freeze_backbone_norm else 1.0
         specs = [
             ("backbone", [p for p in backbone if id(p) not in norm_ids], 1.0),
             ("backbone_norm", [p for p in backbone if id(p) in norm_ids], norm_mult),
             ("cam_afa_heads", [*self.classifier.parameters(), *self.affinity_head.parameters()], head_mult),
-            ("seg_head", list(self.seg_head.parameters()), head_mult),
+            ("seg_head", [p for n, p in self.seg_head.named_parameters() if n not in no_decay], head_mult),
+            ("seg_head_no_decay", [p for n, p in self.seg_head.named_parameters() if n in no_decay], head_mult),
         ]
         return [
             {
@@ -98,7 +105,7 @@ class AFANetwork(nn.Module):
                 "params": [p for p in params if p.requires_grad],
                 "lr": train_cfg.lr * mult,
                 "lr_mult": mult,
-                "weight_decay": train_cfg.weight_decay,
+                "weight_decay": 0.0 if name.endswith("_no_decay") else train_cfg.weight_decay,
             }
             for name, params, mult in specs
         ]
@@ -109,15 +116,8 @@ def build_seg_head(cfg: Config, in_channels: list[int], num_classes: int) -> nn.
     if kind == "segformer":
         return SegFormerHead(in_channels, num_classes, cfg.model.seg_embed_dim)
     if kind == "mask_decoder":
-        try:
-            from wsss.models.mask_decoder import MaskDecoderHead
-        except ModuleNotFoundError as exc:
-            if exc.name != "wsss.models.mask_decoder":
-                raise
-            raise WsssError(
-                "model.seg_head='mask_decoder' needs wsss/models/mask_decoder.py (MaskDecoderHead), "
-                "which is not installed; use model.seg_head=segformer"
-            ) from None
+        from wsss.models.mask_decoder import MaskDecoderHead
+
         return MaskDecoderHead(in_channels, num_classes, cfg.model.mask_decoder)
     raise ConfigError(f"model.seg_head must be one of {', '.join(SEG_HEADS)}, got {kind!r}")
 
