@@ -6,8 +6,7 @@ Cases, each in fp32 and bf16 autocast, on a batch of 2 x 3 x 320 x 320 with ``mi
 - ``backbone``   backbone forward (with attention logits) + backward
 - ``train``      the training pass: network forward with seg head and affinity + backward
 - ``ms_cam``     multi-scale CAM without grad, scales 1, 0.5, 1.5 with flip, affinity from
-                 the 1.5 pass (``wsss.method.cam.multiscale_cam`` when it exists, otherwise
-                 the same steps here)
+                 the 1.5 pass (``wsss.method.cam.multiscale_cam``)
 
 Median over several timed runs after warm-up. Every case runs in a fresh child process so its
 peak memory is its own. CUDA: ``max_memory_allocated`` (and its growth over the memory held
@@ -29,7 +28,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 CASES = ["backbone", "train", "ms_cam"]
 CAM_SCALES = [1.0, 0.5, 1.5]
@@ -50,38 +48,9 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _fallback_multiscale_cam(cam_fn, images, labels, scales, flip=True, affinity_scale=None):
-    """The sec. 2 multi-scale CAM (used until wsss.method.cam exists)."""
-    size = images.shape[-2:]
-    total, affinity = None, None
-    for scale in scales:
-        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                                      align_corners=False)
-        batch = torch.cat([x, x.flip(-1)]) if flip else x
-        cams, aff = cam_fn(batch, scale == affinity_scale)
-        cams = F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
-        if flip:
-            cams = torch.maximum(cams[: len(images)], cams[len(images):].flip(-1))
-            aff = aff[: len(images)] if aff is not None else None
-        cams = cams.relu()
-        total = cams if total is None else total + cams
-        affinity = aff if aff is not None else affinity
-    low = total.amin(dim=(2, 3), keepdim=True)
-    high = total.amax(dim=(2, 3), keepdim=True)
-    return (total - low) / (high - low + 1e-5) * labels[..., None, None], affinity
-
-
-def _multiscale_cam():
-    try:
-        from wsss.method.cam import multiscale_cam
-
-        return multiscale_cam, "wsss.method.cam.multiscale_cam"
-    except ImportError:
-        return _fallback_multiscale_cam, "bench fallback"
-
-
 def _case(case: str, precision: str, args) -> dict:
     from wsss.config import load_config
+    from wsss.method.cam import multiscale_cam
     from wsss.models.network import build_network
 
     device = torch.device(args.device)
@@ -92,7 +61,6 @@ def _case(case: str, precision: str, args) -> dict:
     net = build_network(cfg, args.num_classes).to(device)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     labels = torch.ones(args.batch, args.num_classes - 1, device=device)
-    impl = ""
 
     if case == "backbone":
         net.train()
@@ -108,8 +76,6 @@ def _case(case: str, precision: str, args) -> dict:
             (out.cls_logits.float().mean() + out.seg_logits.float().mean() + out.affinity.float().mean()).backward()
     else:
         net.eval()
-        multiscale_cam, impl = _multiscale_cam()
-
         def step():
             with torch.no_grad():
                 multiscale_cam(net.cam_forward, images, labels, CAM_SCALES, flip=True, affinity_scale=AFFINITY_SCALE)
@@ -139,8 +105,7 @@ def _case(case: str, precision: str, args) -> dict:
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
     return {"case": case, "precision": precision, "median_ms": 1000 * statistics.median(times),
-            "min_ms": 1000 * min(times), "peak_mib": peak / 2**20, "delta_mib": (peak - baseline) / 2**20,
-            "impl": impl}
+            "min_ms": 1000 * min(times), "peak_mib": peak / 2**20, "delta_mib": (peak - baseline) / 2**20}
 
 
 def _child(queue, case, precision, args):
@@ -168,7 +133,6 @@ def main() -> None:
     print(f"# {args.backbone}, batch {args.batch}x3x{args.size}x{args.size}, {args.num_classes} classes, "
           f"device {args.device}, median of {args.repeats} after {args.warmup} warm-up, torch {torch.__version__}")
     print(f"{'case':<9} {'precision':<9} {'median ms':>10} {'min ms':>9} {'peak MiB':>9} {'delta MiB':>10}")
-    notes = set()
     for case in args.cases:
         for precision in args.precisions:
             queue = ctx.Queue()
@@ -181,10 +145,6 @@ def main() -> None:
                 continue
             print(f"{case:<9} {precision:<9} {result['median_ms']:>10.1f} {result['min_ms']:>9.1f} "
                   f"{result['peak_mib']:>9.0f} {result['delta_mib']:>10.0f}")
-            if result["impl"]:
-                notes.add(f"ms_cam: {result['impl']}")
-    for note in sorted(notes):
-        print(f"# {note}")
 
 
 if __name__ == "__main__":
