@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from test_cli_pipeline import NUM_CLASSES, TINY, one_thread, wsss_here  # noqa: F401 (fixture)
+from test_cli_pipeline import NUM_CLASSES, TINY, wsss_here
 from wsss.data.demo import build_demo_dataset
 from wsss.data.io import read_label_png
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 VARIANTS = ["standard", "masked", "kmeans", "soft"]
 DECODER = [
     "model.seg_head=mask_decoder", "model.mask_decoder.num_queries=6", "model.mask_decoder.num_layers=2",

@@ -114,12 +114,16 @@ def test_mask_decoder_seg_head_returns_deep_supervision():
     assert len(out.seg_aux) == 2 and all(a.shape == out.seg_logits.shape for a in out.seg_aux)
 
 
-def test_mask_decoder_embeddings_and_soft_scales_are_not_weight_decayed():
+def test_mask_decoder_has_its_own_lr_and_undecayed_embeddings_and_soft_scales():
     net = _network("model.seg_head=mask_decoder", "model.mask_decoder.cross_attention=soft",
                    "model.mask_decoder.num_layers=2", "model.mask_decoder.num_queries=8",
                    "model.mask_decoder.hidden_dim=32", "model.mask_decoder.ffn_dim=64",
-                   "model.mask_decoder.num_heads=2", "model.mask_decoder.soft_mask_scales=[8.0,4.0]")
-    groups = {g["name"]: g for g in net.param_groups(load_config("demo").train)}
+                   "model.mask_decoder.num_heads=2", "model.mask_decoder.soft_mask_scales=[8.0,4.0]",
+                   "model.mask_decoder.lr_mult=2.0")
+    train = load_config("demo", ["train.lr=1e-4", "train.head_lr_mult=10"]).train
+    groups = {g["name"]: g for g in net.param_groups(train)}
+    assert groups["seg_head"]["lr"] == groups["seg_head_no_decay"]["lr"] == pytest.approx(2e-4)
+    assert groups["cam_afa_heads"]["lr"] == pytest.approx(1e-3)
     head = net.seg_head
     expected = {id(head.query_feat.weight), id(head.query_pos.weight), id(head.level_embed.weight),
                 *(id(layer.soft_mask_scales) for layer in head.layers)}

@@ -12,13 +12,7 @@ from wsss.engine.trainer import train
 K_ITERS = 5  # 6 batches per epoch: the stop falls mid-epoch, the resumed run crosses into epoch 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-offs that cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

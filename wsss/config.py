@@ -55,6 +55,9 @@ class MaskDecoderConfig:
     # HODOR per-head soft-mask scales s_h (learnable); one per head.
     soft_mask_scales: list[float] = field(default_factory=lambda: [32.0, 32.0, 16.0, 16.0, 8.0, 8.0, 4.0, 4.0])
     mask_threshold: float = 0.5  # Mask2Former: attend where sigmoid(mask) >= 0.5
+    # Learning rate of the decoder = train.lr x lr_mult (instead of train.head_lr_mult, which suits
+    # the SegFormer MLP head but makes a transformer decoder trained from scratch diverge).
+    lr_mult: float = 1.0
 
 
 @dataclass
@@ -307,6 +310,7 @@ def validate(cfg: Config) -> None:
         (len(cfg.eval.scales) > 0 and all(s > 0 for s in cfg.eval.scales), "eval.scales must be positive numbers"),
         (len(cfg.model.mask_decoder.soft_mask_scales) == cfg.model.mask_decoder.num_heads,
          "model.mask_decoder.soft_mask_scales must have one value per head (model.mask_decoder.num_heads)"),
+        (cfg.model.mask_decoder.lr_mult > 0, "model.mask_decoder.lr_mult must be positive"),
     ]
     for ok, message in checks:
         if not ok:

@@ -294,6 +294,7 @@ class MaskDecoderHead(nn.Module):
         dim = cfg.hidden_dim
         self.cfg = cfg
         self.num_classes = num_classes
+        self.lr_mult = cfg.lr_mult  # read by AFANetwork.param_groups
         self.pixel_decoder = PixelDecoder(in_channels, dim)
         self.query_feat = nn.Embedding(cfg.num_queries, dim)
         self.query_pos = nn.Embedding(cfg.num_queries, dim)

@@ -16,11 +16,12 @@ sets ``group["lr"] = lr_now * group["lr_mult"]``):
                      so the groups, the optimizer state and a resumed run look the same
                      whichever way the flag is set.
 - ``cam_afa_heads``  classifier + affinity 1x1 conv: lr x ``train.head_lr_mult``
-- ``seg_head``       segmentation head: lr x ``train.head_lr_mult``
+- ``seg_head``       segmentation head: lr x ``train.head_lr_mult`` (SegFormer head) or
+                     x ``model.mask_decoder.lr_mult`` (mask decoder)
 - ``seg_head_no_decay``  the head parameters its ``no_weight_decay()`` names (the mask
                      decoder's query / level embeddings and soft-mask scales, as
-                     Mask2Former): lr x ``train.head_lr_mult``, weight decay 0; empty for
-                     the SegFormer head
+                     Mask2Former): the seg head's lr, weight decay 0; empty for the
+                     SegFormer head
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class AFANetwork(nn.Module):
         }
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         head_mult = train_cfg.head_lr_mult
+        seg_mult = getattr(self.seg_head, "lr_mult", head_mult)  # the mask decoder has its own
         no_decay_fn = getattr(self.seg_head, "no_weight_decay", None)
         no_decay = set(no_decay_fn()) if no_decay_fn is not None else set()
         norm_mult = 0.0 if train_cfg.freeze_backbone_norm else 1.0
@@ -96,8 +98,8 @@ class AFANetwork(nn.Module):
             ("backbone", [p for p in backbone if id(p) not in norm_ids], 1.0),
             ("backbone_norm", [p for p in backbone if id(p) in norm_ids], norm_mult),
             ("cam_afa_heads", [*self.classifier.parameters(), *self.affinity_head.parameters()], head_mult),
-            ("seg_head", [p for n, p in self.seg_head.named_parameters() if n not in no_decay], head_mult),
-            ("seg_head_no_decay", [p for n, p in self.seg_head.named_parameters() if n in no_decay], head_mult),
+            ("seg_head", [p for n, p in self.seg_head.named_parameters() if n not in no_decay], seg_mult),
+            ("seg_head_no_decay", [p for n, p in self.seg_head.named_parameters() if n in no_decay], seg_mult),
         ]
         return [
             {
