@@ -160,3 +160,10 @@ def test_crf_without_pydensecrf2_is_one_line_error_naming_the_package(trained, t
     line = error_line(wsss_here(capsys, "pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train",
                                 "--method", "cam", "--crf", "--out", str(tmp_path / "crf")))
     assert "pydensecrf2" in line
+
+
+def test_resume_with_a_config_whose_network_differs_is_one_line_error(trained, tmp_path, capsys):
+    data, work = trained
+    line = error_line(wsss_here(capsys, "train", "demo", "--data-root", str(data), "--work-dir", str(tmp_path), *TINY,
+                                "model.seg_head=mask_decoder", "--resume", str(work / "last.pt")))
+    assert "cannot resume" in line and "last.pt" in line

@@ -625,9 +625,14 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
 
         iteration, epoch, consumed, best_miou = 0, 0, 0, -math.inf
         if ckpt is not None:
-            network.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
+            try:
+                network.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise WsssError(f"cannot resume from '{resume}': it does not fit the network / optimizer built "
+                                f"from this config ({first}); resume with the config it was trained with") from None
             if scaler is not None and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             iteration = int(ckpt["iteration"])
