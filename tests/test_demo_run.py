@@ -1,0 +1,36 @@
+"""``wsss demo`` pieces that do not need a full training run: the precision choice and the table."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from wsss.engine.demo import format_demo_table, native_bf16
+
+
+def test_native_bf16_on_cpu_follows_onednn_support():
+    assert native_bf16("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert native_bf16("auto") == (native_bf16("cuda") if torch.cuda.is_available() else native_bf16("cpu"))
+
+
+def test_demo_table_shows_every_row_beside_the_baselines_and_the_precision():
+    result = {
+        "rows": {"cam": 45.25, "par": 70.75, "afa": math.nan, "seg": 65.6},
+        "baselines": {"train": {"all_background": 17.4, "random_class": 61.1},
+                      "val": {"all_background": 17.3, "random_class": 62.4}},
+        "classifier": {"macro_f1": 0.996, "micro_f1": 0.997},
+        "seconds": {"total": 565.0, "train": 507.0, "pseudo_labels": 53.0, "evaluation": 5.0},
+        "backbone": "mit_tiny", "precision": "fp32", "iterations": 1300, "train_split": "train",
+        "val_split": "val", "train_images": 400, "val_images": 100, "work_dir": "w",
+    }
+    table = format_demo_table(result)
+    assert "1300 iterations, fp32; 565 s" in table
+    lines = table.splitlines()
+    par = next(line for line in lines if line.strip().startswith("PAR-refined CAM"))
+    assert par.split()[-3:] == ["70.8", "17.4", "61.1"]
+    afa = next(line for line in lines if line.strip().startswith("AFA"))
+    assert afa.split()[-3] == "n/a"  # a missing number is not printed as nan
+    seg = next(line for line in lines if line.strip().startswith("seg head"))
+    assert seg.split()[-3:] == ["65.6", "17.3", "62.4"]
+    assert "macro F1 0.996" in table
