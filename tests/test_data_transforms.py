@@ -130,3 +130,12 @@ def test_eval_transform_keeps_orientation():
     image[:, :20] = 255  # white left half
     out = denormalize(EvalTransform(MEAN, STD, 20)(image), MEAN, STD)
     assert out[:, :, :8].min() > 0.95 and out[:, :, 12:].max() < 0.05
+
+
+def test_colour_jitter_strength_comes_from_the_config():
+    from wsss.config import load_config
+
+    cfg = load_config("voc", ["data.color_jitter=true", "data.color_jitter_strength=[0.5,0.2,0.0,0.1]"])
+    jitter = TrainTransform.from_config(cfg.data).jitter
+    assert jitter.brightness == (0.5, 1.5) and jitter.contrast == (0.8, 1.2)
+    assert jitter.saturation is None and jitter.hue == (-0.1, 0.1)

@@ -143,3 +143,7 @@ def test_a_timm_vit_network_end_to_end():
 def test_fewer_than_two_classes_is_a_config_error():
     with pytest.raises(ConfigError, match="at least 2 classes"):
         build_network(load_config("demo"), 1)
+
+
+def test_segformer_dropout_comes_from_the_config():
+    assert _network("model.seg_dropout=0.25").seg_head.dropout.p == 0.25

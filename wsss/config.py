@@ -37,6 +37,8 @@ class DataConfig:
     rescale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     hflip: bool = True
     color_jitter: bool = False
+    # brightness, contrast, saturation, hue of the colour jitter (torchvision ColorJitter)
+    color_jitter_strength: list[float] = field(default_factory=lambda: [0.3, 0.3, 0.3, 0.05])
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     ignore_index: int = 255
@@ -72,6 +74,7 @@ class ModelConfig:
     cam_pooling: Literal["gmp", "gap"] = "gmp"
     seg_head: Literal["segformer", "mask_decoder"] = "segformer"
     seg_embed_dim: int = 256
+    seg_dropout: float = 0.1  # Dropout2d before the SegFormer head's classifier (published head)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
 
 
@@ -311,6 +314,10 @@ def validate(cfg: Config) -> None:
         (len(cfg.model.mask_decoder.soft_mask_scales) == cfg.model.mask_decoder.num_heads,
          "model.mask_decoder.soft_mask_scales must have one value per head (model.mask_decoder.num_heads)"),
         (cfg.model.mask_decoder.lr_mult > 0, "model.mask_decoder.lr_mult must be positive"),
+        (0 <= cfg.model.seg_dropout < 1, "model.seg_dropout must be in [0, 1)"),
+        (len(cfg.data.color_jitter_strength) == 4 and all(v >= 0 for v in cfg.data.color_jitter_strength)
+         and cfg.data.color_jitter_strength[3] <= 0.5,
+         "data.color_jitter_strength must be [brightness, contrast, saturation, hue], >= 0, hue <= 0.5"),
     ]
     for ok, message in checks:
         if not ok:

@@ -39,8 +39,6 @@ from wsss.data.io import IGNORE_VALUE
 if TYPE_CHECKING:
     from wsss.config import DataConfig
 
-# Strength of the optional colour jitter (data.color_jitter switches it on).
-COLOR_JITTER = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.05}
 
 
 def to_image_tensor(image: np.ndarray) -> tv_tensors.Image:
@@ -109,19 +107,20 @@ class TrainTransform:
         mean: Sequence[float],
         std: Sequence[float],
         ignore_index: int = IGNORE_VALUE,
-        jitter_strength: dict[str, float] | None = None,
+        jitter_strength: Sequence[float] = (0.3, 0.3, 0.3, 0.05),
     ) -> None:
         self.crop_size = int(crop_size)
         self.rescale_range = (float(rescale_range[0]), float(rescale_range[1]))
         self.hflip = hflip
-        self.jitter = v2.ColorJitter(**(jitter_strength or COLOR_JITTER)) if color_jitter else None
+        # brightness, contrast, saturation, hue (the default: data.color_jitter_strength's)
+        self.jitter = v2.ColorJitter(*jitter_strength) if color_jitter else None
         self.mean, self.std = list(mean), list(std)
         self.ignore_index = ignore_index
 
     @classmethod
     def from_config(cls, data_cfg: DataConfig) -> TrainTransform:
         return cls(data_cfg.crop_size, data_cfg.rescale_range, data_cfg.hflip, data_cfg.color_jitter,
-                   data_cfg.mean, data_cfg.std, data_cfg.ignore_index)
+                   data_cfg.mean, data_cfg.std, data_cfg.ignore_index, data_cfg.color_jitter_strength)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None) -> dict[str, Tensor]:
         if mask is None:
@@ -170,5 +169,5 @@ class EvalTransform:
         return normalize(img.as_subclass(Tensor), self.mean, self.std)
 
 
-__all__ = ["COLOR_JITTER", "EvalTransform", "TrainTransform", "denormalize", "normalize", "pad_and_crop",
+__all__ = ["EvalTransform", "TrainTransform", "denormalize", "normalize", "pad_and_crop",
            "to_image_tensor", "to_mask_tensor"]

@@ -18,9 +18,6 @@ from torch import Tensor, nn
 
 from wsss.errors import ConfigError
 
-# Dropout before the SegFormer head's classifier, as in the published head.
-SEGFORMER_DROPOUT = 0.1
-
 
 class CamClassifier(nn.Module):
     """features [B, D, h, w] -> (logits [B, K], cams [B, K, h, w]).
@@ -57,7 +54,7 @@ class SegFormerHead(nn.Module):
     """
 
     def __init__(
-        self, in_channels: list[int], num_classes: int, embed_dim: int = 256, dropout: float = SEGFORMER_DROPOUT
+        self, in_channels: list[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1
     ) -> None:
         super().__init__()
         self.linear_c = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in in_channels)

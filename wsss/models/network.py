@@ -116,7 +116,7 @@ class AFANetwork(nn.Module):
 def build_seg_head(cfg: Config, in_channels: list[int], num_classes: int) -> nn.Module:
     kind = cfg.model.seg_head
     if kind == "segformer":
-        return SegFormerHead(in_channels, num_classes, cfg.model.seg_embed_dim)
+        return SegFormerHead(in_channels, num_classes, cfg.model.seg_embed_dim, cfg.model.seg_dropout)
     if kind == "mask_decoder":
         from wsss.models.mask_decoder import MaskDecoderHead
 
