@@ -75,7 +75,8 @@ def test_param_groups_cover_every_trainable_parameter_once_with_their_lr(freeze)
     cfg = load_config("demo", [f"train.freeze_backbone_norm={freeze}", "train.lr=1e-4", "train.head_lr_mult=10"])
     net = build_network(cfg, C)
     groups = net.param_groups(cfg.train)
-    assert [g["name"] for g in groups] == ["backbone", "backbone_norm", "cam_afa_heads", "seg_head", "seg_head_no_decay"]
+    assert [g["name"] for g in groups] == [
+        "backbone", "backbone_norm", "cam_afa_heads", "seg_head", "seg_head_no_decay"]
     assert groups[-1]["params"] == []  # the SegFormer head decays everything
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))

@@ -173,8 +173,8 @@ def run_demo(
     result = {
         "rows": rows, "baselines": baselines, "classifier": classifier, "work_dir": str(work_dir),
         "backbone": cfg.model.backbone, "precision": cfg.train.precision, "iterations": summary["iteration"],
-        "train_split": cfg.data.train_split, "val_split": cfg.data.val_split, "train_images": train_images, "val_images": seg.get("num_images"),
-        "checkpoint": str(checkpoint),
+        "train_split": cfg.data.train_split, "val_split": cfg.data.val_split, "train_images": train_images,
+        "val_images": seg.get("num_images"), "checkpoint": str(checkpoint),
         "seconds": {"total": done - start, "train": trained - start, "pseudo_labels": labelled - trained,
                     "evaluation": done - labelled},
     }

@@ -148,8 +148,8 @@ def _cam_probs(
 ) -> dict[str, Tensor]:
     """One multi-scale CAM pass, several outputs: method -> probs [C, H0, W0]."""
     from wsss.method.affinity import propagate_cams
-    from wsss.method.cam import cams_with_background, multiscale_cam
-    from wsss.method.par import par_kernel, refine_with_par
+    from wsss.method.cam import cams_with_background, multiscale_cam, scaled_par_kernel
+    from wsss.method.par import apply_par_kernel
 
     unknown = [m for m in methods if m not in CAM_METHODS]
     if unknown:
@@ -181,18 +181,17 @@ def _cam_probs(
             scores = torch.cat([torch.full_like(cams[:, :1], threshold), cams], dim=1)
             out["cam"] = _normalize_probs(_resize(scores, out_size))[0]
         if "par" in methods or "afa" in methods:
-            par_size = _scaled_size(size, par_cfg.scale)
-            images01 = _resize(denormalize(image.float(), mean, std), par_size)
-            kernel = par_kernel(images01, par_cfg.dilations, par_cfg.w1, par_cfg.w2)  # once for par and afa
+            kernel = scaled_par_kernel(denormalize(image.float(), mean, std), par_cfg)  # once for par and afa
+            par_size = kernel.shape[-2:]
             if "par" in methods:
                 probs = cams_with_background(_resize(cams, par_size), label, [threshold])[:, 0]
-                refined = refine_with_par(images01, probs, par_cfg, kernel)
+                refined = apply_par_kernel(probs, kernel, par_cfg.dilations, par_cfg.iterations)
                 out["par"] = _normalize_probs(_resize(refined, out_size))[0]
             if "afa" in methods:
                 if affinity is None:
                     raise WsssError("the network returned no affinity; method 'afa' needs the AFA affinity head")
                 rw = propagate_cams(cams, label, affinity, threshold, afa_cfg, grid_size=grid["size"])
-                refined = refine_with_par(images01, rw, par_cfg, kernel)  # rw resized to the PAR size inside
+                refined = apply_par_kernel(_resize(rw, par_size), kernel, par_cfg.dilations, par_cfg.iterations)
                 out["afa"] = _normalize_probs(_resize(refined, out_size))[0]
     return {m: out[m] for m in methods}
 

@@ -469,7 +469,8 @@ def image_grid(images: Tensor, pseudo: PseudoLabels, seg_logits: Tensor | None, 
     label = pseudo.label[:n].cpu()
     afa = pseudo.afa_label[:n].cpu() if pseudo.afa_label is not None else torch.full_like(label, 255)
     if seg_logits is not None:
-        seg = F.interpolate(seg_logits[:n].float(), size=size, mode="bilinear", align_corners=False).max(1).indices.cpu()
+        seg = F.interpolate(seg_logits[:n].float(), size=size, mode="bilinear", align_corners=False)
+        seg = seg.max(dim=1).indices.cpu()
     else:
         seg = torch.full_like(label, 255)
     tiles = []

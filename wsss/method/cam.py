@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.config import CamConfig, ParConfig
-from wsss.method.par import par_kernel, refine_with_par
+from wsss.method.par import apply_par_kernel, par_kernel
 
 # Min-max normalization guard: cam / (max + 1e-5) (reference value).
 CAM_NORM_EPS = 1e-5
@@ -174,9 +174,10 @@ def _par_high_low_label(
     """
     b, s, c = probs.shape[:3]
     size = images01.shape[-2:]
-    par_size = scaled_size(size, par_cfg.scale)
-    images = _resize(images01.float(), par_size)
-    refined = refine_with_par(images, probs.reshape(b, s * c, *probs.shape[-2:]), par_cfg, kernel)
+    if kernel is None:
+        kernel = scaled_par_kernel(images01, par_cfg)
+    masks = _resize(probs.reshape(b, s * c, *probs.shape[-2:]).float(), kernel.shape[-2:])
+    refined = apply_par_kernel(masks, kernel, par_cfg.dilations, par_cfg.iterations)
     refined = _resize(refined, size).view(b, s, c, *size)
     # max(...).indices: the same first-maximum index as argmax, ~10x faster on CPU over a non-last dim
     label_high, label_low = refined.max(dim=2).indices.unbind(dim=1)

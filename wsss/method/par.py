@@ -137,22 +137,21 @@ def apply_par_kernel(masks: Tensor, kernel: Tensor, dilations: Sequence[int], it
     return masks
 
 
-def refine_with_par(images: Tensor, masks: Tensor, par_cfg: ParConfig, kernel: Tensor | None = None) -> Tensor:
+def refine_with_par(images: Tensor, masks: Tensor, par_cfg: ParConfig) -> Tensor:
     """PAR at the images' resolution.
 
     images [B, 3, H, W] RGB in [0, 1]; masks [B, M, h, w] (any number M of masks per image,
     e.g. the class probabilities of several thresholds stacked), bilinearly resized to
     H x W when h x w differs -> refined masks [B, M, H, W] float32. The kernel is computed
     once and applied to all M masks. Callers pick the resolution (``par_cfg.scale`` of the
-    input in the pseudo-label functions of ``wsss.method.cam``). ``kernel``: the images'
-    ``par_kernel``, when the caller already has it (several calls on the same images).
+    input in the pseudo-label functions of ``wsss.method.cam``). Callers that refine several
+    mask sets of the same images compute ``par_kernel`` once and call ``apply_par_kernel``.
     """
     size = images.shape[-2:]
     masks = masks.float()
     if masks.shape[-2:] != size:
         masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-    if kernel is None:
-        kernel = par_kernel(images, par_cfg.dilations, par_cfg.w1, par_cfg.w2)
+    kernel = par_kernel(images, par_cfg.dilations, par_cfg.w1, par_cfg.w2)
     return apply_par_kernel(masks, kernel, par_cfg.dilations, par_cfg.iterations)
 
 

@@ -306,8 +306,9 @@ class MaskDecoderHead(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters AdamW must not decay: embeddings and soft-mask scales (Mask2Former)."""
+        embeddings = ("query_feat", "query_pos", "level_embed")
         return {name for name, _ in self.named_parameters()
-                if name.split(".")[0] in ("query_feat", "query_pos", "level_embed") or name.endswith("soft_mask_scales")}
+                if name.split(".")[0] in embeddings or name.endswith("soft_mask_scales")}
 
     def _pixel_features(self, fpn_map: Tensor) -> Tensor:
         """[B, D, h, w] FPN map -> per-pixel mask features (L2-normalized for kmeans, as kMaX)."""
