@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import statistics
-import time
 
 import torch
+from _common import peak_memory, run_in_child, time_runs
 
 HEADS = ["segformer", "standard", "masked", "kmeans", "soft"]
 # mit_b1 stage widths and the AFA strides 4, 2, 2, 1 (stage 4 stays at 1/16)
@@ -93,24 +91,11 @@ def _case(head: str, precision: str, args) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = time_runs(step, 0, args.repeats, cuda)
+    peak = peak_memory(cuda)
     params = sum(p.numel() for p in module.parameters())
     return {"head": head, "precision": precision, "median_ms": 1000 * statistics.median(times),
             "min_ms": 1000 * min(times), "peak_mib": peak / 2**20, "params_m": params / 1e6}
-
-
-def _child(queue, head, precision, args):
-    try:
-        queue.put(_case(head, precision, args))
-    except Exception as exc:  # report, keep benchmarking the other cases
-        queue.put({"head": head, "precision": precision, "error": f"{type(exc).__name__}: {exc}"})
 
 
 def main() -> None:
@@ -129,7 +114,6 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per case")
     args = parser.parse_args()
 
-    ctx = mp.get_context("spawn")
     where = "heads only, mit_b1-shaped features" if args.head_only else f"network {args.backbone}"
     print(f"# {where}; batch {args.batch}x3x{args.size}x{args.size}; device {args.device}; "
           f"median of {args.repeats} after {args.warmup} warm-up; torch {torch.__version__}")
@@ -137,11 +121,7 @@ def main() -> None:
         print(f"{'head':<10} {'precision':<9} {'median ms':>10} {'min ms':>9} {'peak MiB':>9} {'params M':>9}")
     for head in args.heads:
         for precision in args.precisions:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_child, args=(queue, head, precision, args))
-            proc.start()
-            result = queue.get()
-            proc.join()
+            result = run_in_child(_case, {"head": head, "precision": precision}, head, precision, args)
             if args.json:
                 print(json.dumps(result))
             elif "error" in result:

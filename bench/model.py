@@ -20,14 +20,11 @@ before the first run: weights, inputs). CPU: peak resident set size of the child
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import resource
 import statistics
-import sys
-import time
 
 import torch
+from _common import peak_memory, peak_rss, run_in_child, time_runs
 
 CASES = ["backbone", "train", "ms_cam"]
 CAM_SCALES = [1.0, 0.5, 1.5]
@@ -40,12 +37,7 @@ def _current_rss() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-        return _peak_rss()
-
-
-def _peak_rss() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        return peak_rss()
 
 
 def _case(case: str, precision: str, args) -> dict:
@@ -76,6 +68,7 @@ def _case(case: str, precision: str, args) -> dict:
             (out.cls_logits.float().mean() + out.seg_logits.float().mean() + out.affinity.float().mean()).backward()
     else:
         net.eval()
+
         def step():
             with torch.no_grad():
                 multiscale_cam(net.cam_forward, images, labels, CAM_SCALES, flip=True, affinity_scale=AFFINITY_SCALE)
@@ -92,27 +85,10 @@ def _case(case: str, precision: str, args) -> dict:
         baseline = torch.cuda.memory_allocated()
     else:
         baseline = _current_rss()
-    for _ in range(args.warmup):
-        run()
-    times = []
-    for _ in range(args.repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    times = time_runs(run, args.warmup, args.repeats, cuda)
+    peak = peak_memory(cuda)
     return {"case": case, "precision": precision, "median_ms": 1000 * statistics.median(times),
             "min_ms": 1000 * min(times), "peak_mib": peak / 2**20, "delta_mib": (peak - baseline) / 2**20}
-
-
-def _child(queue, case, precision, args):
-    try:
-        queue.put(_case(case, precision, args))
-    except Exception as exc:  # report, keep benchmarking the other cases
-        queue.put({"case": case, "precision": precision, "error": f"{type(exc).__name__}: {exc}"})
 
 
 def main() -> None:
@@ -129,17 +105,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = parser.parse_args()
 
-    ctx = mp.get_context("spawn")
     print(f"# {args.backbone}, batch {args.batch}x3x{args.size}x{args.size}, {args.num_classes} classes, "
           f"device {args.device}, median of {args.repeats} after {args.warmup} warm-up, torch {torch.__version__}")
     print(f"{'case':<9} {'precision':<9} {'median ms':>10} {'min ms':>9} {'peak MiB':>9} {'delta MiB':>10}")
     for case in args.cases:
         for precision in args.precisions:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_child, args=(queue, case, precision, args))
-            proc.start()
-            result = queue.get()
-            proc.join()
+            result = run_in_child(_case, {"case": case, "precision": precision}, case, precision, args)
             if "error" in result:
                 print(f"{case:<9} {precision:<9} error: {result['error']}")
                 continue

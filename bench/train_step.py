@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -83,6 +82,7 @@ def reference_step(network, batch, cfg, optimizer, scheduler, device, timer) -> 
 
 def run_one(args: argparse.Namespace, precision: str, reference: bool = False) -> dict:
     import torch
+    from _common import peak_rss
 
     from wsss.config import load_config
     from wsss.engine.trainer import PhaseTimer, build_optimizer, build_scaler, train_step
@@ -141,7 +141,7 @@ def run_one(args: argparse.Namespace, precision: str, reference: bool = False) -
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         peak_kind = "GPU max allocated"
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        peak = peak_rss() / 2**30
         peak_kind = "peak RSS"
     return {"precision": precision + (" reference" if reference else ""), "median": median, "peak_gib": peak,
             "peak_kind": peak_kind,
