@@ -92,8 +92,9 @@ def run_one(args: argparse.Namespace, precision: str, reference: bool = False) -
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, [
-        f"model.backbone={args.backbone}", "model.pretrained=", f"data.crop_size={args.crop}",
-        f"data.batch_size={args.batch}", f"train.precision={precision}", f"train.device={args.device}",
+        f"model.backbone={args.backbone}", "model.pretrained=none", f"data.crop_size={args.crop}",
+        f"data.batch_size={args.batch}", f"data.total_batch_size={args.batch}", f"train.precision={precision}",
+        f"train.device={args.device}",
         *args.overrides,
     ])
     device = torch.device(args.device)

@@ -116,7 +116,7 @@ def test_load_network_with_an_override_that_changes_the_architecture_says_so(tmp
 def test_load_network_never_downloads_pretrained_weights(tmp_path):
     write_checkpoint(tmp_path / "c.pt", tiny_cfg("model.pretrained=/nonexistent/weights.pth"))
     network, cfg, _ = load_network(tmp_path / "c.pt", "cpu")
-    assert cfg.model.pretrained == ""
+    assert cfg.model.pretrained == "none"
 
 
 def test_rng_state_round_trip_reproduces_every_generator(tmp_path):

@@ -23,7 +23,7 @@ from wsss.data.io import read_label_png
 
 NUM_TRAIN, NUM_VAL, NUM_CLASSES = 16, 6, 3
 TINY = [
-    "data.crop_size=64", "data.batch_size=4", "data.num_workers=0", "model.seg_embed_dim=32",
+    "data.crop_size=64", "data.batch_size=4", "data.total_batch_size=4", "data.num_workers=0", "model.seg_embed_dim=32",
     "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0", "afa.radius=2", "eval.long_side=64",
     "train.iterations=6", "train.cam_iters=2", "train.afa_label_iter=4", "train.warmup_iters=2",
     "train.log_interval=2", "train.val_interval=3", "train.ckpt_interval=3", "train.image_log_interval=3",

@@ -41,8 +41,8 @@ def test_two_processes_of_batch_2_take_the_same_steps_as_one_process_of_batch_4(
     """In the CAM-only warm-up the loss is a per-image mean, so averaging the two ranks' gradients
     equals the gradient of the double batch (the sampler gives the two ranks the halves of it)."""
     warmup_only = ["train.iterations=3", "train.cam_iters=3", "train.afa_label_iter=3", "train.val_interval=0"]
-    run(tmp_path / "ddp", data, "data.batch_size=2", *warmup_only, processes=2)
-    run(tmp_path / "single", data, "data.batch_size=4", *warmup_only)
+    run(tmp_path / "ddp", data, "data.batch_size=2", "data.total_batch_size=4", *warmup_only, processes=2)
+    run(tmp_path / "single", data, "data.batch_size=4", "data.total_batch_size=4", *warmup_only)
     ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     single = torch.load(tmp_path / "single" / "last.pt", weights_only=True)
     assert ddp["iteration"] == single["iteration"] == 3
@@ -55,7 +55,8 @@ def test_two_process_run_through_warmup_validation_and_checkpoints(data, tmp_pat
     """The full path after the warm-up (DDP re-wrapped without find_unused_parameters), validation
     sharded over the ranks, checkpoints and logs from rank 0 only."""
     work = tmp_path / "run"
-    run(work, data, "data.batch_size=2", "train.iterations=4", "train.cam_iters=2", "train.afa_label_iter=3",
+    run(work, data, "data.batch_size=2", "data.total_batch_size=4", "train.iterations=4", "train.cam_iters=2",
+        "train.afa_label_iter=3",
         "train.val_interval=2", "train.ckpt_interval=2", processes=2)
     last = torch.load(work / "last.pt", weights_only=True)
     assert last["iteration"] == 4 and (work / "best.pt").is_file()

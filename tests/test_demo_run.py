@@ -14,17 +14,20 @@ def test_native_bf16_on_cpu_follows_onednn_support():
     assert native_bf16("auto") == (native_bf16("cuda") if torch.cuda.is_available() else native_bf16("cpu"))
 
 
-def test_demo_table_shows_every_row_beside_the_baselines_and_the_precision():
-    result = {
+def _result(**extra) -> dict:
+    return {
         "rows": {"cam": 45.25, "par": 70.75, "afa": math.nan, "seg": 65.6},
         "baselines": {"train": {"all_background": 17.4, "random_class": 61.1},
                       "val": {"all_background": 17.3, "random_class": 62.4}},
         "classifier": {"macro_f1": 0.996, "micro_f1": 0.997},
         "seconds": {"total": 565.0, "train": 507.0, "pseudo_labels": 53.0, "evaluation": 5.0},
         "backbone": "mit_tiny", "precision": "fp32", "iterations": 1300, "train_split": "train",
-        "val_split": "val", "train_images": 400, "val_images": 100, "work_dir": "w",
+        "val_split": "val", "train_images": 400, "val_images": 100, "work_dir": "w", **extra,
     }
-    table = format_demo_table(result)
+
+
+def test_demo_table_shows_every_row_beside_the_baselines_and_the_precision():
+    table = format_demo_table(_result())  # no "pretrained": from scratch
     assert "1300 iterations, fp32; 565 s" in table
     lines = table.splitlines()
     par = next(line for line in lines if line.strip().startswith("PAR-refined CAM"))
@@ -34,3 +37,11 @@ def test_demo_table_shows_every_row_beside_the_baselines_and_the_precision():
     seg = next(line for line in lines if line.strip().startswith("seg head"))
     assert seg.split()[-3:] == ["65.6", "17.3", "62.4"]
     assert "macro F1 0.996" in table
+
+
+def test_demo_table_names_the_starting_weights():
+    first = [format_demo_table(_result(pretrained=p)).splitlines()[0] for p in ("none", "hub", "w/mit.safetensors")]
+    assert first[0].startswith("wsss demo: mit_tiny from scratch, 1300 iterations")
+    assert first[1].startswith("wsss demo: mit_tiny from hub weights, 1300 iterations")
+    assert first[2].startswith("wsss demo: mit_tiny from weights 'w/mit.safetensors', 1300 iterations")
+    assert "from scratch" not in first[1] + first[2]

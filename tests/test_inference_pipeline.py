@@ -139,7 +139,7 @@ def test_validate_reports_cam_afa_seg_and_restores_training_mode(setup):
     dataset = build_dataset(cfg.data, "val", train=False, long_side=None)
     network.train()
     results = validate(network, dataset, cfg, "cpu", limit=2)
-    assert set(results) == {"cam", "afa", "seg"}
+    assert set(results) == {"cam", "afa", "seg", "par"}
     assert all(r["num_images"] == 2 and 0 <= r["miou"] <= 100 for r in results.values())
     assert network.training
 

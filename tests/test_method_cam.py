@@ -219,3 +219,56 @@ def test_a_shared_par_kernel_gives_the_labels_of_separate_calls():
     separate = refine_probs_to_label(images, probs[:, 0], probs[:, 1], par, ignore_index=IGNORE)
     shared = refine_probs_to_label(images, probs[:, 0], probs[:, 1], par, ignore_index=IGNORE, kernel=kernel)
     assert torch.equal(shared, separate)
+
+
+def test_afa_branch_labels_inside_the_valid_box_do_not_depend_on_the_padding():
+    """As the official code, PAR of the AFA branch runs on each image's valid box only: whatever fills
+    the padding of a padded crop (image and probabilities), the labels inside the box are those of
+    the unpadded image, and the padding is ignored."""
+    torch.manual_seed(0)
+    h, w, c = 20, 26, K + 1
+    image = torch.rand(1, 3, h, w)
+    probs_high = torch.rand(1, c, h, w).softmax(dim=1)
+    probs_low = torch.rand(1, c, h, w).softmax(dim=1)
+    unpadded = refine_probs_to_label(image, probs_high, probs_low, ParConfig(), ignore_index=IGNORE)
+    assert unpadded.ne(IGNORE).any()
+    y0, x0, size = 5, 3, (32, 32)
+    box = torch.tensor([[y0, y0 + h, x0, x0 + w]])
+    labels = []
+    for fill in (0.0, 1.0, None):  # constant paddings and random garbage
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            out = torch.rand(1, x.shape[1], *size) if fill is None else torch.full((1, x.shape[1], *size), fill)
+            out[:, :, y0 : y0 + h, x0 : x0 + w] = x
+            return out
+
+        label = refine_probs_to_label(pad(image), pad(probs_high), pad(probs_low), ParConfig(), valid_box=box,
+                                      ignore_index=IGNORE)
+        assert torch.equal(label[:, y0 : y0 + h, x0 : x0 + w], unpadded)
+        assert label.eq(IGNORE).sum() >= size[0] * size[1] - h * w  # everything outside the box is ignored
+        labels.append(label)
+    assert torch.equal(labels[0], labels[1]) and torch.equal(labels[0], labels[2])
+
+
+def test_afa_branch_par_resizes_the_probabilities_with_aligned_corners():
+    """The official AFA branch's PAR resizes the probabilities with align_corners=True (everywhere else
+    False): the labels are those of that computation, and differ from the align_corners=False one."""
+    import torch.nn.functional as F
+
+    from wsss.method.par import apply_par_kernel
+
+    torch.manual_seed(1)
+    image = torch.rand(1, 3, 20, 26)
+    probs = torch.rand(1, 2 * (K + 1), 20, 26).softmax(dim=1)
+    par = ParConfig()
+    label = refine_probs_to_label(image, probs[:, : K + 1], probs[:, K + 1 :], par, ignore_index=IGNORE)
+    kernel = scaled_par_kernel(image, par)
+
+    def by_hand(align_corners: bool) -> torch.Tensor:
+        masks = F.interpolate(probs, size=kernel.shape[-2:], mode="bilinear", align_corners=align_corners)
+        refined = apply_par_kernel(masks, kernel, par.dilations, par.iterations)
+        refined = F.interpolate(refined, size=(20, 26), mode="bilinear", align_corners=False)
+        high, low = refined.view(2, K + 1, 20, 26).argmax(dim=1)
+        return combine_high_low(high, low, IGNORE)[None]
+
+    assert torch.equal(label, by_hand(True))
+    assert not torch.equal(label, by_hand(False))

@@ -16,6 +16,7 @@ PVT = "timm:pvt_v2_b0"
 
 def _backbone(name: str, attn_blocks: int = 2, **cfg) -> torch.nn.Module:
     torch.manual_seed(0)
+    cfg.setdefault("pretrained", "none")
     return create_backbone(ModelConfig(backbone=name, drop_path_rate=0.0, **cfg), attn_blocks).eval()
 
 

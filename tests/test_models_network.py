@@ -8,7 +8,7 @@ from torch import nn
 
 from wsss.config import load_config
 from wsss.errors import ConfigError
-from wsss.models.network import AFANetwork, build_network
+from wsss.models.network import AFANetwork, build_network, resolve_attn_norm
 
 C = 6  # classes incl. background
 
@@ -139,6 +139,7 @@ def test_a_timm_vit_network_end_to_end():
     assert out.cams.shape == (1, C - 1, 4, 6)
     assert out.affinity.shape == (1, 24, 24)
     assert out.seg_logits.shape == (1, C, 4, 6)  # ViT: stage 1 is at the patch stride
+    assert net.attn_norm == net.affinity_head.attn_norm == "standardize"  # afa.attn_norm "auto", timm
 
 
 def test_fewer_than_two_classes_is_a_config_error():
@@ -148,3 +149,28 @@ def test_fewer_than_two_classes_is_a_config_error():
 
 def test_segformer_dropout_comes_from_the_config():
     assert _network("model.seg_dropout=0.25").seg_head.dropout.p == 0.25
+
+
+@pytest.mark.parametrize(("backbone", "attn_norm", "resolved"), [
+    ("mit_b1", "auto", "none"), ("mit_tiny", "auto", "none"), (" mit_b0 ", "auto", "none"),
+    ("timm:vit_small_patch16_224", "auto", "standardize"), ("timm:pvt_v2_b1", "auto", "standardize"),
+    ("mit_b1", "standardize", "standardize"), ("timm:vit_small_patch16_224", "none", "none"),
+])
+def test_attn_norm_auto_is_raw_for_mit_and_standardized_for_timm_and_explicit_values_win(
+    backbone, attn_norm, resolved
+):
+    assert resolve_attn_norm(backbone, attn_norm) == resolved
+
+
+def test_attn_norm_rejects_unknown_values_and_auto_on_an_unknown_backbone():
+    with pytest.raises(ConfigError, match="afa.attn_norm"):
+        resolve_attn_norm("mit_b1", "layernorm")
+    with pytest.raises(ConfigError, match="afa.attn_norm"):
+        resolve_attn_norm("resnet50", "auto")
+
+
+def test_the_network_records_the_resolved_attn_norm_and_its_head_uses_it():
+    assert load_config("demo").afa.attn_norm == "auto"
+    net = _network()
+    assert net.attn_norm == net.affinity_head.attn_norm == "none"  # mit_tiny: the published head
+    assert _network("afa.attn_norm=standardize").affinity_head.attn_norm == "standardize"

@@ -24,7 +24,7 @@ def data(tmp_path_factory):
 def config(data, work, num_workers):
     return load_config("demo", [
         f"data.root={data}", f"train.work_dir={work}", f"data.num_workers={num_workers}",
-        "data.crop_size=64", "data.batch_size=4", "model.seg_embed_dim=32",
+        "data.crop_size=64", "data.batch_size=4", "data.total_batch_size=4", "model.seg_embed_dim=32",
         "model.drop_path_rate=0.1",  # random per step: the RNG state must be restored too
         "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0", "afa.radius=2", "eval.long_side=64",
         f"train.iterations={2 * K_ITERS}", "train.cam_iters=2", "train.afa_label_iter=6", "train.warmup_iters=2",

@@ -10,7 +10,7 @@ import torch
 from wsss.config import load_config
 from wsss.engine.schedule import build_scheduler, lr_factor
 from wsss.engine.trainer import (
-    PhaseTimer, build_optimizer, build_scaler, cam_path_is_deterministic, iterate_batches, make_pseudo_labels,
+    NO_TIMER, PhaseTimer, build_optimizer, build_scaler, cam_path_is_deterministic, iterate_batches, make_pseudo_labels,
     present_classes, train_step,
 )
 from wsss.models.network import build_network
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def tiny_config(*overrides: str):
     return load_config("demo", [
-        "data.crop_size=64", "data.batch_size=2", "model.seg_embed_dim=32", "cam.scales=[1.0,0.5]",
+        "data.crop_size=64", "data.batch_size=2", "data.total_batch_size=2", "model.seg_embed_dim=32",
+        "cam.scales=[1.0,0.5]",
         "afa.affinity_scale=1.0", "afa.radius=2", "train.cam_iters=2", "train.afa_label_iter=4",
         "train.iterations=10", "train.warmup_iters=2", *overrides,
     ])
@@ -170,7 +171,7 @@ def test_batches_resume_mid_epoch_in_the_same_order_with_the_same_augmentation_d
     from wsss.engine.distributed import DistContext
     from wsss.engine.trainer import build_train_loader
 
-    cfg = tiny_config("data.batch_size=3", "data.num_workers=0", "train.seed=7")
+    cfg = tiny_config("data.batch_size=3", "data.total_batch_size=3", "data.num_workers=0", "train.seed=7")
     ctx = DistContext(0, 0, 1, torch.device("cpu"))
     loader, sampler = build_train_loader(_Names(), cfg, ctx)
     straight = _take(loader, sampler, 0, 0, 8)  # 3 batches per epoch (drop_last): crosses two epochs
@@ -178,3 +179,155 @@ def test_batches_resume_mid_epoch_in_the_same_order_with_the_same_augmentation_d
     assert straight[0][2] != straight[3][2]  # a new permutation per epoch
     loader, sampler = build_train_loader(_Names(), cfg, ctx)  # a fresh process resuming after batch 2 of epoch 0
     assert _take(loader, sampler, 0, 2, 6) == straight[2:]
+
+
+# --------------------------------------------------------------------------- total batch and accumulation
+
+
+@pytest.mark.parametrize("total, world, batch, steps, expected", [
+    (4, 1, 2, 0, (2, 2)),  # the VOC recipe on one GPU: 1 x 2 images x 2 steps
+    (4, 2, 2, 0, (2, 1)),  # as published: 2 GPUs x 2
+    (4, 4, 2, 0, (1, 1)),  # 4 GPUs: one image each
+    (8, 1, 2, 0, (2, 4)),  # COCO on one GPU
+    (8, 2, 3, 0, (2, 2)),  # the largest divisor of the share that fits data.batch_size
+    (4, 1, 2, 4, (1, 4)),  # explicit accumulation
+])
+def test_the_total_batch_splits_into_processes_images_and_accumulation_steps(total, world, batch, steps, expected):
+    from wsss.engine.trainer import split_batch
+
+    per_forward, accumulation = split_batch(total, world, batch, steps)
+    assert (per_forward, accumulation) == expected
+    assert world * per_forward * accumulation == total
+
+
+@pytest.mark.parametrize("total, world, steps, message", [
+    (4, 3, 0, "data.total_batch_size=4 cannot be split over 3 processes"),
+    (4, 1, 3, "train.accumulation_steps=3 does not divide"),
+])
+def test_a_total_batch_that_cannot_be_split_is_a_clear_error(total, world, steps, message):
+    from wsss.engine.trainer import split_batch
+    from wsss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        split_batch(total, world, 2, steps)
+
+
+def _grads(network) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in network.named_parameters() if p.grad is not None}
+
+
+def _step_gradients(cfg, batches, iteration):
+    """The gradients of train_step's optimizer step (captured when it clears them)."""
+    network, optimizer, scheduler = build(cfg)
+    captured = {}
+    original = optimizer.zero_grad
+
+    def zero_grad(*args, **kwargs):
+        captured.update(_grads(network))
+        return original(*args, **kwargs)
+
+    optimizer.zero_grad = zero_grad
+    train_step(network, batches, iteration, cfg, optimizer, scheduler, None, torch.device("cpu"))
+    return captured
+
+
+def _halves(batch: dict) -> list[dict]:
+    return [{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)]
+
+
+def test_accumulated_warmup_step_has_the_gradients_of_the_whole_batch():
+    """Classification loss (warm-up) is a mean over images: 2 micro-batches of 1 accumulated give the
+    gradients of one batch of 2 (no BatchNorm on this path)."""
+    cfg = tiny_config("model.drop_path_rate=0.0")
+    whole = _step_gradients(cfg, tiny_batch(), 0)
+    accumulated = _step_gradients(cfg, _halves(tiny_batch()), 0)
+    assert whole.keys() == accumulated.keys() and whole
+    for name, grad in whole.items():
+        assert torch.allclose(accumulated[name], grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_accumulated_full_step_averages_the_micro_batch_gradients():
+    """After the warm-up each micro-batch's losses (per-micro-batch pseudo labels, seg-head BatchNorm over
+    the micro-batch, as each GPU of the published 2 x 2 run) are averaged: the gradient is the mean of the
+    micro-batches' own gradients, as DDP's average over two processes (dropout off: same random draws)."""
+    cfg = tiny_config("model.drop_path_rate=0.0", "model.seg_dropout=0.0")
+    halves = _halves(tiny_batch())
+    accumulated = _step_gradients(cfg, halves, 4)
+    separate = [_step_gradients(cfg, [half], 4) for half in halves]
+    for name, grad in accumulated.items():
+        mean = 0.5 * (separate[0].get(name, torch.zeros_like(grad)) + separate[1].get(name, torch.zeros_like(grad)))
+        assert torch.allclose(grad, mean, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("switch", [False, True])
+def test_affinity_labels_switch_to_the_afa_label_only_when_configured(switch):
+    """VOC script: affinity labels from the PAR-refined CAM label throughout; COCO script
+    (train.afa_label_for_affinity): from the AFA label once it is the seg target."""
+    from wsss.engine.trainer import _micro_step
+    from wsss.method.affinity import affinity_labels, label_to_grid
+    from wsss.method.losses import affinity_loss
+
+    cfg = tiny_config("model.drop_path_rate=0.0", f"train.afa_label_for_affinity={str(switch).lower()}")
+    network, _, _ = build(cfg)
+    _, losses, out, pseudo = _micro_step(network, tiny_batch(), 4, cfg, torch.device("cpu"), NO_TIMER)
+
+    def loss_from(label):
+        target = affinity_labels(label_to_grid(label, out.cams.shape[-2:]), cfg.afa.radius, 255)
+        return affinity_loss(out.affinity.float(), target)
+
+    from_par, from_afa = loss_from(pseudo.label), loss_from(pseudo.afa_label)
+    assert not torch.allclose(from_par, from_afa)  # the two labels give different affinity targets here
+    assert torch.allclose(losses["aff"], from_afa if switch else from_par)
+
+
+def test_coco_and_voc_configs_follow_their_official_scripts():
+    voc, coco = load_config("voc"), load_config("coco")
+    assert voc.data.total_batch_size == 4 and coco.data.total_batch_size == 8
+    assert voc.model.pretrained == coco.model.pretrained == "hub"
+    assert not voc.train.afa_label_for_affinity and voc.train.afa_label_iter == 6000
+    assert coco.train.afa_label_for_affinity and coco.train.afa_label_iter == 15000
+    assert load_config("demo").model.pretrained == "none"
+
+
+def test_the_seg_head_gets_sync_batchnorm_under_ddp_on_accelerators_only():
+    from wsss.engine.distributed import DistContext
+    from wsss.engine.trainer import use_sync_batchnorm
+
+    cfg = tiny_config()
+
+    def converted(world: int, device: str, enabled: bool = True) -> bool:
+        network = build(cfg)[0]
+        done = use_sync_batchnorm(network, DistContext(0, 0, world, torch.device(device)), enabled)
+        has_sync = any(isinstance(m, torch.nn.SyncBatchNorm) for m in network.seg_head.modules())
+        assert done == has_sync
+        return has_sync
+
+    assert converted(2, "cuda")  # conversion itself needs no GPU
+    assert not converted(1, "cuda") and not converted(2, "cpu") and not converted(2, "cuda", enabled=False)
+
+
+def test_reg_loss_enters_the_total_only_with_a_positive_weight():
+    cfg_off = tiny_config("model.drop_path_rate=0.0")
+    cfg_on = tiny_config("model.drop_path_rate=0.0", "train.reg_loss_weight=1e-6")
+    from wsss.engine.trainer import _micro_step
+
+    results = []
+    for cfg in (cfg_off, cfg_on):
+        network, _, _ = build(cfg)
+        total, losses, _, _ = _micro_step(network, tiny_batch(), 4, cfg, torch.device("cpu"), NO_TIMER)
+        results.append((total, losses))
+    (total_off, off), (total_on, on) = results
+    assert off["reg"] == 0 and on["reg"] > 0
+    assert torch.allclose(total_on, total_off + 1e-6 * on["reg"], rtol=1e-5)
+
+
+def test_the_first_lines_of_a_run_name_the_weights_and_the_batch_split():
+    from wsss.engine.distributed import DistContext
+    from wsss.engine.trainer import run_header
+
+    ctx = DistContext(0, 0, 1, torch.device("cpu"))
+    voc = run_header(load_config("voc"), ctx, 2, 2, range(10582), 5291, 0, False)
+    assert "ImageNet weights" in voc[0]
+    assert voc[1] == "total batch 4 = 1 process(es) x 2 image(s) x 2 accumulation step(s)"
+    scratch = run_header(load_config("voc", ["model.pretrained=none"]), ctx, 2, 2, range(10), 5, 0, False)
+    assert "RANDOM initialisation" in scratch[0]

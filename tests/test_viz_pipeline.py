@@ -21,7 +21,7 @@ from wsss.errors import WsssError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [  # a minimal run: mit_tiny, crop 64, 8 iterations on CPU
-    "train.device=cpu", "data.crop_size=64", "data.batch_size=4", "data.num_workers=0",
+    "train.device=cpu", "data.crop_size=64", "data.batch_size=4", "data.total_batch_size=4", "data.num_workers=0",
     "train.iterations=8", "train.cam_iters=2", "train.afa_label_iter=4", "train.warmup_iters=2",
     "train.val_interval=0", "train.ckpt_interval=8", "train.log_interval=4",
     "eval.long_side=64", "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0",

@@ -42,7 +42,10 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     ignore_index: int = 255
-    batch_size: int = 2  # per process; the paper's total batch 4 = 2 GPUs x 2
+    # The recipe's total batch per optimizer step (VOC 4 = 2 GPUs x 2, COCO 8 = 4 GPUs x 2). It is split
+    # into world size x images per forward x accumulation steps (see train.accumulation_steps).
+    total_batch_size: int = 4
+    batch_size: int = 2  # images per forward pass and process (at most; lowered when the total needs it)
     num_workers: int = 4
 
 
@@ -67,8 +70,9 @@ class ModelConfig:
     # "mit_b0".."mit_b5", "timm:<name>" (e.g. "timm:vit_small_patch16_224"),
     # or "mit_tiny" (a small MiT for CPU demos and tests).
     backbone: str = "mit_b1"
-    # "" = random init; a local file (.pth / .safetensors); "hub" = timm / HF weights by name.
-    pretrained: str = ""
+    # "hub" = ImageNet weights by name (MiT: Hugging Face nvidia/mit-b*, timm: its own hub; cached the usual
+    # way); a local file (.pth / .bin / .safetensors); "none" = random initialisation (an explicit choice).
+    pretrained: str = "hub"
     strides: list[int] = field(default_factory=lambda: [4, 2, 2, 1])
     drop_path_rate: float = 0.1
     cam_pooling: Literal["gmp", "gap"] = "gmp"
@@ -94,6 +98,21 @@ class TrainConfig:
     cls_loss_weight: float = 1.0
     seg_loss_weight: float = 0.1
     aff_loss_weight: float = 0.1
+    # Gradient accumulation: micro-batches per optimizer step. 0 = derived from data.total_batch_size,
+    # the world size and data.batch_size; a positive value must agree with them.
+    accumulation_steps: int = 0
+    # Official COCO script: from afa_label_iter on, the affinity labels also come from the AFA label
+    # (random walk + PAR). The official VOC script keeps them on the PAR-refined CAM label (false).
+    afa_label_for_affinity: bool = False
+    sync_bn: bool = True  # SyncBatchNorm in the seg head under DDP (official code)
+    # Dense-energy (CRF) regularisation loss on the seg output (Tang et al., ECCV 2018); the released AFA
+    # code has it commented out (weight 0.01 there): 0 = off. Gaussian bilateral kernel at reg_scale of the
+    # crop, limited to a (2 reg_radius + 1)^2 window (see docs/method.md).
+    reg_loss_weight: float = 0.0
+    reg_sigma_rgb: float = 15.0
+    reg_sigma_xy: float = 100.0
+    reg_scale: float = 0.5
+    reg_radius: int = 5
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -129,6 +148,11 @@ class AfaConfig:
     rw_power: int = 2
     rw_eps: float = 0.1  # T = A / (column sums + eps)
     affinity_scale: float = 1.5  # the CAM scale whose affinity drives the random walk
+    bg_threshold_eval: float = 0.35  # background score of the random walk in validation (official validate())
+    # Scale of the raw attention logits fed to the AFA head: "none" = raw q.k^T (official, MiT);
+    # "standardize" = per map zero mean, unit std over the token pairs (scale-free: pretrained ViTs, whose
+    # logits saturate the head's sigmoid); "auto" = none for MiT backbones, standardize for timm ones.
+    attn_norm: Literal["auto", "none", "standardize"] = "auto"
 
 
 @dataclass
@@ -293,6 +317,15 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.data.crop_size > 0, "data.crop_size must be positive"),
         (cfg.data.batch_size > 0, "data.batch_size must be positive"),
+        (cfg.data.total_batch_size > 0, "data.total_batch_size must be positive"),
+        (cfg.train.accumulation_steps >= 0, "train.accumulation_steps must be >= 0 (0 = derived)"),
+        (cfg.train.reg_loss_weight >= 0, "train.reg_loss_weight must be >= 0"),
+        (cfg.train.reg_sigma_rgb > 0 and cfg.train.reg_sigma_xy > 0,
+         "train.reg_sigma_rgb and train.reg_sigma_xy must be positive"),
+        (0 < cfg.train.reg_scale <= 1, "train.reg_scale must be in (0, 1]"),
+        (cfg.train.reg_radius >= 1, "train.reg_radius must be >= 1"),
+        (cfg.model.pretrained.strip() != "",
+         "model.pretrained must be 'hub', 'none' or the path of a weight file (got an empty string)"),
         (len(cfg.data.rescale_range) == 2 and 0 < cfg.data.rescale_range[0] <= cfg.data.rescale_range[1],
          "data.rescale_range must be [low, high] with 0 < low <= high"),
         (len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean and data.std must have 3 values"),
@@ -380,6 +413,10 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 def config_from_dict(mapping: dict[str, Any]) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. a checkpoint)."""
     cfg = apply_mapping(Config(), mapping)
+    if "attn_norm" not in mapping.get("afa", {}):  # written before the key existed: raw logits were used
+        cfg.afa.attn_norm = "none"
+    if cfg.model.pretrained == "":  # checkpoints written before "none" existed meant random initialisation
+        cfg.model.pretrained = "none"
     validate(cfg)
     return cfg
 

@@ -36,6 +36,7 @@ import torch
 
 from wsss.config import Config, apply_overrides, config_from_dict
 from wsss.errors import ConfigError, WsssError
+from wsss.models.weights import RANDOM_INIT
 
 CHECKPOINT_FORMAT = "wsss-checkpoint-1"
 LAST_NAME = "last.pt"
@@ -180,7 +181,7 @@ def load_network(
 
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, overrides, f"'{path}'")
-    cfg.model.pretrained = ""  # the weights come from the checkpoint: no download, no file needed
+    cfg.model.pretrained = RANDOM_INIT  # the weights come from the checkpoint: no download, no file needed
     num_classes = int(ckpt["num_classes"])
     network = build_network(cfg, num_classes)
     try:

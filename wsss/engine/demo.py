@@ -30,6 +30,7 @@ import torch
 
 from wsss.config import Config, load_config
 from wsss.engine.metrics import ConfusionMatrix
+from wsss.models.weights import RANDOM_INIT
 
 BASELINE_SEED = 0
 CLASSIFIER_THRESHOLD = 0.5  # on the sigmoid of the image-level logits
@@ -101,6 +102,13 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}"
 
 
+def _weights_text(pretrained: str) -> str:
+    """model.pretrained ("none" | "hub" | a file) -> how the header names the starting weights."""
+    if pretrained == RANDOM_INIT:
+        return "from scratch"
+    return "from hub weights" if pretrained == "hub" else f"from weights '{pretrained}'"
+
+
 def format_demo_table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     base = result["baselines"]
@@ -108,7 +116,8 @@ def format_demo_table(result: dict[str, Any]) -> str:
     times = result["seconds"]
     head = f"{'':<40}{'mIoU %':>9}{'all bg':>9}{'true fg + random class':>24}"
     lines = [
-        f"wsss demo: {result['backbone']} from scratch, {result['iterations']} iterations, {result['precision']}; "
+        f"wsss demo: {result['backbone']} {_weights_text(result.get('pretrained', RANDOM_INIT))}, "
+        f"{result['iterations']} iterations, {result['precision']}; "
         f"{times['total']:.0f} s (train {times['train']:.0f} s, pseudo labels {times['pseudo_labels']:.0f} s, "
         f"evaluation {times['evaluation']:.0f} s)",
         head, "-" * len(head),
@@ -172,7 +181,8 @@ def run_demo(
     done = time.perf_counter()
     result = {
         "rows": rows, "baselines": baselines, "classifier": classifier, "work_dir": str(work_dir),
-        "backbone": cfg.model.backbone, "precision": cfg.train.precision, "iterations": summary["iteration"],
+        "backbone": cfg.model.backbone, "pretrained": cfg.model.pretrained, "precision": cfg.train.precision,
+        "iterations": summary["iteration"],
         "train_split": cfg.data.train_split, "val_split": cfg.data.val_split, "train_images": train_images,
         "val_images": seg.get("num_images"), "checkpoint": str(checkpoint),
         "seconds": {"total": done - start, "train": trained - start, "pseudo_labels": labelled - trained,

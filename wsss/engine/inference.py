@@ -416,23 +416,65 @@ def _check_labels_available(dataset: Any, what: str) -> None:
 # --------------------------------------------------------------------------- validation during training
 
 
+VAL_KEYS = ("cam", "afa", "seg", "par")
+
+
+def _validation_maps(net: nn.Module, image: Tensor, label: Tensor, out_size: Sequence[int],
+                     cfg: Config) -> dict[str, Tensor]:
+    """The label maps [H0, W0] that :func:`validate` scores, for one image [1, 3, h, w] at its own size."""
+    from wsss.method.affinity import propagate_cams
+    from wsss.method.cam import cams_with_background, multiscale_cam, scaled_par_kernel
+    from wsss.method.par import apply_par_kernel
+
+    label = label.reshape(1, -1).float()
+    grid: dict[str, tuple[int, int]] = {}
+
+    def cam_fn(x: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
+        cams, affinity = net.cam_forward(x, with_affinity=with_affinity)
+        if with_affinity:
+            grid["size"] = tuple(cams.shape[-2:])
+        return cams.float(), None if affinity is None else affinity.float()
+
+    seg = predict_seg(net, image, [1.0], flip=False, out_size=out_size)
+    # multi-scale + flip CAMs; the affinity of the scale-1 pass, which in eval mode is the plain forward pass
+    cams, affinity = multiscale_cam(cam_fn, image, label, cfg.cam.scales, cfg.cam.flip, affinity_scale=1.0)
+    with torch.autocast(image.device.type, enabled=False):
+        out = {"seg": seg.max(dim=0).indices}  # = argmax(dim=0), faster on CPU
+        scores = torch.cat([torch.full_like(cams[:, :1], cfg.cam.bg_threshold_eval), cams], dim=1)
+        out["cam"] = _resize(scores, out_size)[0].max(dim=0).indices  # bg wins ties: cam_to_label's rule
+        rw = propagate_cams(cams, label, affinity, cfg.afa.bg_threshold_eval, cfg.afa, grid_size=grid["size"])
+        out["afa"] = _resize(rw, out_size)[0].max(dim=0).indices
+        kernel = scaled_par_kernel(denormalize(image.float(), cfg.data.mean, cfg.data.std), cfg.par)
+        probs = cams_with_background(_resize(cams, kernel.shape[-2:]), label, [cfg.cam.bg_threshold_eval])[:, 0]
+        refined = apply_par_kernel(probs, kernel, cfg.par.dilations, cfg.par.iterations)
+        out["par"] = _resize(refined, out_size)[0].max(dim=0).indices
+    return out
+
+
 def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device | str,
              limit: int = 0) -> dict[str, dict[str, Any]]:
-    """CAM, AFA and seg mIoU on ``dataset`` (an eval dataset: ``build_dataset(..., train=False)``).
+    """Validation mIoUs as the authors measure them, plus our PAR-refined CAM (docs/method.md, "Validation").
 
-    -> {"cam": result, "afa": result, "seg": result}, each ``ConfusionMatrix.compute()`` plus
-    ``num_images``. seg: one scale, no flip, no CRF (the authors' validation); cam / afa:
-    ``predict_cam_probs`` with ``cam.scales`` + flip (the CAMs the training labels are made
-    from; the authors validate CAMs this way too), GT image labels. ``limit`` > 0: the first
-    ``limit`` images only. The network is put in eval mode and restored; under
-    torch.distributed each rank takes every world-th image and the matrices are summed.
+    ``dataset``: an eval dataset at the images' own size (``build_dataset(..., train=False,
+    long_side=None)``). -> {"cam", "afa", "seg", "par"}: each ``ConfusionMatrix.compute()`` plus
+    ``num_images``; with ground-truth image labels, per image at its own size:
+
+    - cam: multi-scale + flip CAMs (``cam.scales``, ``cam.flip``), background score
+      ``cam.bg_threshold_eval`` (0.45), no PAR;
+    - afa: those CAMs propagated by the random walk with the affinity of the plain (scale 1)
+      forward pass on its token grid, background score ``afa.bg_threshold_eval`` (0.35), no PAR;
+    - seg: the seg head, one scale, no flip, no CRF;
+    - par (ours, not in the authors' logs): the cam probabilities refined by PAR.
+
+    ``limit`` > 0: the first ``limit`` images only. The network is put in eval mode and restored;
+    under torch.distributed each rank takes every world-th image and the matrices are summed.
     """
     device = torch.device(device)
     rank, world = _dist_info()
     count = len(dataset) if limit <= 0 else min(limit, len(dataset))
     indices = list(range(rank, count, world))
     names = dataset.class_names
-    matrices = {k: ConfusionMatrix(dataset.num_classes, device=device, class_names=names) for k in ("cam", "afa", "seg")}
+    matrices = {k: ConfusionMatrix(dataset.num_classes, device=device, class_names=names) for k in VAL_KEYS}
     net = _unwrap(network)
     was_training = net.training
     net.eval()
@@ -442,12 +484,9 @@ def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device
             mask = item["mask"].to(device, non_blocking=True)
             label = item["label"].to(device, non_blocking=True)
             with torch.inference_mode(), autocast_context(device, cfg.train.precision):
-                seg = predict_seg(net, image, [1.0], flip=False, out_size=mask.shape)
-                cams = _cam_probs(net, image, label, ("cam", "afa"), cfg.cam, cfg.par, cfg.afa, True,
-                                  mask.shape, cfg.data.mean, cfg.data.std)
-                matrices["seg"].update(seg.max(dim=0).indices, mask)  # = argmax(dim=0), faster on CPU
-                matrices["cam"].update(cams["cam"].max(dim=0).indices, mask)
-                matrices["afa"].update(cams["afa"].max(dim=0).indices, mask)
+                maps = _validation_maps(net, image, label, mask.shape, cfg)
+            for key, prediction in maps.items():
+                matrices[key].update(prediction, mask)
     finally:
         net.train(was_training)
     total = int(_sum_over_ranks([len(indices)], device)[0])

@@ -54,15 +54,16 @@ from wsss.engine.checkpoint import (
     BEST_NAME, LAST_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, software_versions,
 )
 from wsss.engine.schedule import build_scheduler
-from wsss.errors import DatasetError, WsssError
+from wsss.errors import ConfigError, DatasetError, WsssError
 from wsss.method.affinity import affinity_labels, label_to_grid, propagate_cams
-from wsss.method.cam import multiscale_cam, refine_cams_to_label, refine_probs_to_label, scaled_par_kernel
+from wsss.method.cam import (
+    box_mask, multiscale_cam, refine_cams_to_label, refine_probs_to_label, scaled_par_kernel,
+)
 from wsss.method.losses import affinity_loss, balanced_seg_loss, classification_loss
 
 logger = logging.getLogger(__name__)
 
-LOSS_NAMES = ("total", "cls", "seg", "aff")
-VAL_KEYS = ("cam", "afa", "seg")
+LOSS_NAMES = ("total", "cls", "seg", "aff", "reg")
 MAX_LOGGED_IMAGES = 4  # images of a batch shown in a TensorBoard grid
 
 
@@ -250,27 +251,42 @@ def make_pseudo_labels(
 
 @dataclass
 class StepResult:
-    losses: dict[str, Tensor]  # detached float32 scalars: total, cls, seg, aff
-    seg_logits: Tensor | None = None  # detached seg logits of the training pass (None in the warm-up)
-    pseudo: PseudoLabels | None = None  # None in the warm-up
+    losses: dict[str, Tensor]  # detached float32 scalars (LOSS_NAMES), means over the micro-batches
+    seg_logits: Tensor | None = None  # detached seg logits of the last micro-batch (None in the warm-up)
+    pseudo: PseudoLabels | None = None  # pseudo labels of the last micro-batch (None in the warm-up)
+    batch: dict[str, Any] | None = None  # the last micro-batch
 
 
-def train_step(
+def split_batch(total: int, world_size: int, batch_size: int, accumulation_steps: int = 0) -> tuple[int, int]:
+    """The recipe's total batch per optimizer step -> (images per forward and process, accumulation steps).
+
+    total = world_size x images per forward x accumulation steps. accumulation_steps 0: the
+    largest number of images per forward <= ``batch_size`` that divides the process's share;
+    > 0: that many steps, the images per forward follow. A total that cannot be split is a
+    ConfigError naming the keys.
+    """
+    if total % world_size:
+        raise ConfigError(f"data.total_batch_size={total} cannot be split over {world_size} processes; use a "
+                          f"multiple of {world_size} or a number of processes that divides {total}")
+    share = total // world_size
+    if accumulation_steps > 0:
+        if share % accumulation_steps:
+            raise ConfigError(f"data.total_batch_size={total} over {world_size} process(es) is {share} images per "
+                              f"process, which train.accumulation_steps={accumulation_steps} does not divide")
+        return share // accumulation_steps, accumulation_steps
+    per_forward = max(d for d in range(1, min(batch_size, share) + 1) if share % d == 0)
+    return per_forward, share // per_forward
+
+
+def _micro_step(
     model: nn.Module,
     batch: dict[str, Any],
     iteration: int,
     cfg: Config,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
     device: torch.device,
-    timer: PhaseTimer | _NoTimer = NO_TIMER,
-) -> StepResult:
-    """One AFA iteration (module docstring); ``iteration`` = optimizer steps done before it.
-
-    ``model`` is the AFANetwork, or its DistributedDataParallel wrapper. batch: ``image``
-    [B, 3, S, S] normalized, ``label`` [B, K], ``valid_box`` long [B, 4].
-    """
+    timer: PhaseTimer | _NoTimer,
+) -> tuple[Tensor, dict[str, Tensor], Any, PseudoLabels | None]:
+    """Forward, pseudo labels and losses of one micro-batch -> (total loss, losses, output, pseudo)."""
     tc = cfg.train
     network = unwrap(model)
     warmup = iteration < tc.cam_iters
@@ -291,22 +307,67 @@ def train_step(
     with timer.phase("losses"):
         cls_loss = classification_loss(out.cls_logits.float(), labels)
         zero = cls_loss.new_zeros(())
-        seg_loss = aff_loss = zero
+        seg_loss = aff_loss = reg_loss = zero
         total = tc.cls_loss_weight * cls_loss
         if pseudo is not None:
-            target = pseudo.afa_label if use_afa_label and pseudo.afa_label is not None else pseudo.label
+            afa_ready = use_afa_label and pseudo.afa_label is not None
+            target = pseudo.afa_label if afa_ready else pseudo.label
             seg_outputs = [out.seg_logits, *out.seg_aux]  # mask-decoder deep supervision: mean over outputs
             seg_loss = sum(balanced_seg_loss(s.float(), target, cfg.data.ignore_index) for s in seg_outputs)
             seg_loss = seg_loss / len(seg_outputs)
             grid = out.cams.shape[-2:]  # the main pass's token grid (that of out.affinity)
+            # official VOC script: affinity labels from the PAR-refined CAM label throughout; COCO script:
+            # from the AFA label too once it is the seg target (train.afa_label_for_affinity)
+            aff_source = target if tc.afa_label_for_affinity else pseudo.label
             with torch.no_grad():
-                aff_target = affinity_labels(label_to_grid(pseudo.label, grid), cfg.afa.radius,
-                                             cfg.data.ignore_index)
+                aff_target = affinity_labels(label_to_grid(aff_source, grid), cfg.afa.radius, cfg.data.ignore_index)
             aff_loss = affinity_loss(out.affinity.float(), aff_target)
             total = total + tc.seg_loss_weight * seg_loss + tc.aff_loss_weight * aff_loss
+            if tc.reg_loss_weight > 0:
+                from wsss.method.regularization import dense_energy_loss
 
-    with timer.phase("backward"):
-        (scaler.scale(total) if scaler is not None else total).backward()
+                images01 = denormalize(images.float(), cfg.data.mean, cfg.data.std)
+                valid = box_mask(valid_box, images.shape[-2:])
+                reg_loss = dense_energy_loss(images01, out.seg_logits.float(), valid, tc.reg_sigma_rgb,
+                                             tc.reg_sigma_xy, tc.reg_scale, tc.reg_radius)
+                total = total + tc.reg_loss_weight * reg_loss
+    losses = {"total": total, "cls": cls_loss, "seg": seg_loss, "aff": aff_loss, "reg": reg_loss}
+    return total, losses, out, pseudo
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, Any] | list[dict[str, Any]],
+    iteration: int,
+    cfg: Config,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+    timer: PhaseTimer | _NoTimer = NO_TIMER,
+) -> StepResult:
+    """One AFA iteration (module docstring); ``iteration`` = optimizer steps done before it.
+
+    ``model`` is the AFANetwork, or its DistributedDataParallel wrapper. batch: one micro-batch
+    or a list of them (gradient accumulation: each micro-batch's loss is divided by their
+    number and back-propagated, DDP synchronises the gradients on the last one only, then
+    one optimizer step), each with ``image`` [B, 3, S, S] normalized, ``label`` [B, K],
+    ``valid_box`` long [B, 4].
+    """
+    micro_batches = batch if isinstance(batch, list) else [batch]
+    n = len(micro_batches)
+    sums: dict[str, Tensor] = {}
+    out = pseudo = None
+    for j, micro in enumerate(micro_batches):
+        last = j == n - 1
+        sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+        with sync:
+            total, losses, out, pseudo = _micro_step(model, micro, iteration, cfg, device, timer)
+            with timer.phase("backward"):
+                scaled = total / n if n > 1 else total
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        for k, v in losses.items():
+            sums[k] = v.detach() if k not in sums else sums[k] + v.detach()
 
     with timer.phase("optimizer"):
         if scaler is not None:
@@ -317,9 +378,9 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
-    losses = {"total": total.detach(), "cls": cls_loss.detach(), "seg": seg_loss.detach(), "aff": aff_loss.detach()}
+    losses = {k: v / n for k, v in sums.items()} if n > 1 else sums
     seg_logits = out.seg_logits.detach() if out.seg_logits is not None else None
-    return StepResult(losses, seg_logits, pseudo)
+    return StepResult(losses, seg_logits, pseudo, micro_batches[-1])
 
 
 # --------------------------------------------------------------------------- optimizer, precision
@@ -404,17 +465,20 @@ def _worker_init(seed: int, rank: int, worker_id: int) -> None:
     torch.manual_seed(worker_seed)
 
 
-def build_train_loader(dataset: Dataset, cfg: Config, ctx: du.DistContext) -> tuple[DataLoader, ResumableSampler]:
-    """Per-process batches of ``data.batch_size``, drop_last, persistent workers, pinned memory on CUDA."""
+def build_train_loader(dataset: Dataset, cfg: Config, ctx: du.DistContext,
+                       batch_size: int | None = None) -> tuple[DataLoader, ResumableSampler]:
+    """Per-process batches of ``batch_size`` (default ``data.batch_size``), drop_last, persistent workers,
+    pinned memory on CUDA."""
     import functools
 
+    batch_size = batch_size or cfg.data.batch_size
     sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, cfg.train.seed)
     generator = torch.Generator()
     generator.manual_seed(cfg.train.seed + ctx.rank)
     workers = cfg.data.num_workers
     loader = DataLoader(
         SeededSamples(dataset, cfg.train.seed),
-        batch_size=cfg.data.batch_size,
+        batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=ctx.device.type == "cuda",
@@ -539,6 +603,39 @@ def _miou(result: Any) -> float:
 # --------------------------------------------------------------------------- the run
 
 
+def run_header(cfg: Config, ctx: du.DistContext, micro: int, accumulation: int, dataset: Any, per_epoch: int,
+               iteration: int, resuming: bool) -> list[str]:
+    """The first lines of a run's log: what is trained from which weights, how the batch is made up."""
+    from wsss.models.weights import RANDOM_INIT
+
+    tc = cfg.train
+    pretrained = cfg.model.pretrained
+    if pretrained == RANDOM_INIT:
+        weights = "RANDOM initialisation (model.pretrained=none; the published recipe starts from ImageNet weights)"
+    elif pretrained == "hub":
+        weights = "ImageNet weights from the hub (model.pretrained=hub)"
+    else:
+        weights = f"weights '{pretrained}'"
+    return [
+        f"{'resuming' if resuming else 'training'} {cfg.model.backbone} from {weights}",
+        f"total batch {cfg.data.total_batch_size} = {ctx.world_size} process(es) x {micro} image(s) x "
+        f"{accumulation} accumulation step(s)",
+        f"data '{cfg.data.train_split}' ({len(dataset)} images, {per_epoch // accumulation} steps/epoch/process) at "
+        f"iteration {iteration}/{tc.iterations}; {ctx.world_size} process(es) on {ctx.device}, {tc.precision}; "
+        f"work dir {tc.work_dir}",
+    ]
+
+
+def use_sync_batchnorm(network: nn.Module, ctx: du.DistContext, enabled: bool) -> bool:
+    """The seg head's BatchNorm -> SyncBatchNorm under DDP (statistics over every process's images, as the
+    official code's SyncBN head) -> whether it converted. Not on the CPU: PyTorch's SyncBatchNorm runs on
+    accelerators only, so CPU (gloo) runs keep per-process statistics."""
+    if not (enabled and ctx.distributed and ctx.device.type != "cpu"):
+        return False
+    network.seg_head = nn.SyncBatchNorm.convert_sync_batchnorm(network.seg_head)
+    return True
+
+
 def _wrap(network: nn.Module, ctx: du.DistContext, find_unused: bool) -> nn.Module:
     if not ctx.distributed:
         return network
@@ -605,12 +702,15 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
         dataset = build_dataset(cfg.data, cfg.data.train_split, train=True)
         val_dataset = None
         if tc.val_interval > 0:
-            val_dataset = build_dataset(cfg.data, cfg.data.val_split, train=False, long_side=cfg.eval.long_side)
-        per_epoch = math.ceil(len(dataset) / ctx.world_size) // cfg.data.batch_size
+            # each image at its own size, as the authors validate
+            val_dataset = build_dataset(cfg.data, cfg.data.val_split, train=False, long_side=None)
+        micro, accumulation = split_batch(cfg.data.total_batch_size, ctx.world_size, cfg.data.batch_size,
+                                          tc.accumulation_steps)
+        per_epoch = math.ceil(len(dataset) / ctx.world_size) // micro  # micro-batches
         if per_epoch == 0:
             raise DatasetError(
                 f"split '{cfg.data.train_split}' of '{dataset.root}' has {len(dataset)} images: too few for one batch "
-                f"of data.batch_size={cfg.data.batch_size} per process ({ctx.world_size} processes)")
+                f"of {micro} images per process ({ctx.world_size} processes)")
         if ckpt is not None and int(ckpt["num_classes"]) != dataset.num_classes:
             raise WsssError(f"checkpoint '{resume}' has {ckpt['num_classes']} classes but the dataset '{dataset.root}' "
                             f"has {dataset.num_classes}; resume with the dataset it was trained on")
@@ -618,6 +718,7 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
         # identical initial weights on every rank (DDP also broadcasts rank 0's)
         seed_everything(tc.seed)
         network = build_network(cfg, dataset.num_classes).to(ctx.device)
+        use_sync_batchnorm(network, ctx, tc.sync_bn)
         network.train()
         optimizer = build_optimizer(network, cfg)
         scheduler = build_scheduler(optimizer, tc)
@@ -657,12 +758,10 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
             _write_run_files(cfg, work_dir, versions)
         logs = RunLogger(work_dir, ctx.is_main, tc.iterations, iteration)
         if ctx.is_main:
-            logs.line(f"{'resuming' if ckpt is not None else 'training'} {cfg.model.backbone} on "
-                      f"'{cfg.data.train_split}' ({len(dataset)} images, {per_epoch} batches/epoch/process) at "
-                      f"iteration {iteration}/{tc.iterations}; {ctx.world_size} process(es) on {ctx.device}, "
-                      f"{tc.precision}; work dir {work_dir}")
+            for text in run_header(cfg, ctx, micro, accumulation, dataset, per_epoch, iteration, ckpt is not None):
+                logs.line(text)
 
-        loader, sampler = build_train_loader(dataset, cfg, ctx)
+        loader, sampler = build_train_loader(dataset, cfg, ctx, micro)
         find_unused = _needs_find_unused(cfg, iteration)
         model = _wrap(network, ctx, find_unused)
         sums = {k: torch.zeros((), device=ctx.device) for k in LOSS_NAMES}
@@ -685,14 +784,17 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
                 "best_miou": best_miou if math.isfinite(best_miou) else None, "versions": versions,
             }
 
-        batches = iterate_batches(loader, sampler, epoch, consumed, cfg.data.batch_size)
+        batches = iterate_batches(loader, sampler, epoch, consumed, micro)
         while iteration < tc.iterations and (stop_after is None or iteration < stop_after):
             if find_unused and not _needs_find_unused(cfg, iteration) and ctx.distributed:
                 del model  # the warm-up wrapper's hooks go with it
                 find_unused = False
                 model = _wrap(network, ctx, find_unused)
-            epoch, consumed, batch = next(batches)
-            result = train_step(model, batch, iteration, cfg, optimizer, scheduler, scaler, ctx.device)
+            micro_batches = []
+            for _ in range(accumulation):
+                epoch, consumed, batch = next(batches)
+                micro_batches.append(batch)
+            result = train_step(model, micro_batches, iteration, cfg, optimizer, scheduler, scaler, ctx.device)
             iteration += 1
             for k in LOSS_NAMES:
                 sums[k] += result.losses[k]
@@ -713,7 +815,7 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
                 since_log = 0
 
             if ctx.is_main and tc.image_log_interval > 0 and iteration % tc.image_log_interval == 0:
-                _log_images(logs, network, batch, result, cfg, ctx.device, iteration)
+                _log_images(logs, network, result.batch, result, cfg, ctx.device, iteration)
 
             if val_dataset is not None and (iteration % tc.val_interval == 0 or iteration == tc.iterations):
                 last_val = _validate(network, val_dataset, cfg, ctx.device)
@@ -762,7 +864,7 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
 
 def _validate(network: nn.Module, dataset: Dataset, cfg: Config, device: torch.device) -> dict[str, float]:
     """CAM, AFA-CAM and seg mIoU on the first data.val_limit val images (all ranks take part)."""
-    from wsss.engine.inference import validate
+    from wsss.engine.inference import VAL_KEYS, validate
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training RNG untouched
         results = validate(network, dataset, cfg, device, cfg.data.val_limit)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from wsss.config import ModelConfig
 from wsss.errors import ConfigError, WsssError
 from wsss.models.mit import MIT_SPECS, create_mit
-from wsss.models.weights import load_state_dict_checked, read_state_dict
+from wsss.models.weights import RANDOM_INIT, load_state_dict_checked, read_state_dict
 
 TIMM_PREFIX = "timm:"
 # timm modules whose models we know how to take apart, and which family they are.
@@ -64,7 +64,7 @@ class Backbone(Protocol):
 
 def create_backbone(model_cfg: ModelConfig, attn_blocks: int) -> nn.Module:
     """The backbone named by ``model_cfg.backbone``, weights per ``model_cfg.pretrained``:
-    "" = random init, a file path = that file, "hub" = download by name."""
+    "none" = random init, a file path = that file, "hub" = download by name."""
     name = model_cfg.backbone.strip()
     if name in MIT_SPECS:
         return create_mit(name, model_cfg.strides, attn_blocks, model_cfg.drop_path_rate, model_cfg.pretrained)
@@ -234,7 +234,7 @@ def _timm_family(name: str) -> str:
 
 
 def create_timm_backbone(
-    name: str, strides: list[int], attn_blocks: int, drop_path_rate: float = 0.0, pretrained: str = ""
+    name: str, strides: list[int], attn_blocks: int, drop_path_rate: float = 0.0, pretrained: str = RANDOM_INIT
 ) -> TimmBackbone:
     import timm
 
@@ -252,7 +252,7 @@ def create_timm_backbone(
             ) from None
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
-        if pretrained:
+        if pretrained != RANDOM_INIT:
             _load_timm_file(model, pretrained, name)
     return TimmBackbone(model, family, list(strides), attn_blocks, name)
 

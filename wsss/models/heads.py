@@ -4,7 +4,7 @@
   the image-level logits, the same conv applied densely gives the CAMs (Zhou et al., 2016).
 - :class:`SegFormerHead`: the all-MLP decoder of SegFormer (Xie et al., NeurIPS 2021).
 - :class:`AffinityHead`: AFA's affinity from attention (Ru et al., CVPR 2022, sec. 3.2):
-  symmetrized raw attention logits, a 1x1 conv over the maps, sigmoid.
+  symmetrized raw attention logits (optionally standardized per map), a 1x1 conv over the maps, sigmoid.
 """
 
 from __future__ import annotations
@@ -77,6 +77,32 @@ class SegFormerHead(nn.Module):
         return self.linear_pred(self.dropout(fused))
 
 
+ATTN_NORMS = ("none", "standardize")  # resolved values of afa.attn_norm ("auto" is resolved by the network)
+# Floor on the per-map variance of the logits under "standardize": a constant map (all pairs equal, e.g. N = 1)
+# gives 0 instead of 0/0. Far below the variance of real logits (std >= ~1), so it does not break scale-freeness.
+ATTN_NORM_EPS = 1e-6
+
+
+def standardize_attn_logits(attn_logits: Tensor, eps: float = ATTN_NORM_EPS) -> Tensor:
+    """attn_logits [B, M, N, N] -> per sample and map zero mean, unit std over the N x N pairs, same shape/dtype.
+
+    Statistics in float32 (bf16 sums over N^2 ~ 10^5 pairs lose digits); the result is cast back to the
+    input dtype, so the rest of the head runs as with raw logits. The mean and (population) std of S and
+    S^T are the same, so standardizing commutes with the head's symmetrization (see AffinityHead).
+
+    The statistics are NOT detached. Standardization makes the head exactly invariant to a per-map
+    scale and shift of the logits; with the true gradient, the gradient reaching the logits is orthogonal
+    to those directions, so the affinity loss cannot move the scale (= the temperature of the backbone's
+    own attention softmax, which reads the same logits) and the std cannot collapse or blow up to make
+    the loss easier: every map the head sees has unit std whatever q / k do. Detached statistics would
+    send a gradient that the forward pass ignores along the scale direction (pushing the logits' magnitude
+    to grow or shrink with no effect on the loss) -- a drift of the attention temperature for nothing.
+    """
+    x = attn_logits.float()
+    var, mean = torch.var_mean(x, dim=(-2, -1), correction=0, keepdim=True)
+    return ((x - mean) * torch.rsqrt(var + eps)).to(attn_logits.dtype)
+
+
 class AffinityHead(nn.Module):
     """attn_logits [B, M, N, N] -> predicted affinity [B, N, N] in [0, 1].
 
@@ -84,14 +110,29 @@ class AffinityHead(nn.Module):
     symmetrized logits. The conv is linear, so it is applied first (an einsum over M) and
     the result symmetrized once: one [B, N, N] transpose instead of M of them. Not
     detached: the affinity loss trains the attention's q / k.
+
+    ``attn_norm`` (afa.attn_norm, resolved): "none" feeds the raw logits q.k^T (the published
+    head, for MiT); "standardize" first maps every S_m to (S_m - mean) / std over its N x N pairs
+    (:func:`standardize_attn_logits`), so that the head's initial sigmoid is not saturated by
+    large-scale logits (a pretrained ViT-S/14: mean |S| ~ 47, max ~ 300, sigmoid > 0.99 on every
+    pair, no gradient). Standardizing each map before the conv keeps the conv-then-symmetrize
+    shortcut exact: the stats of S_m and S_m^T are the same, so it equals standardizing after.
     """
 
-    def __init__(self, attn_maps: int) -> None:
+    def __init__(self, attn_maps: int, attn_norm: str = "none") -> None:
         super().__init__()
+        if attn_norm not in ATTN_NORMS:
+            raise ConfigError(f"AffinityHead attn_norm must be one of {', '.join(ATTN_NORMS)}, got {attn_norm!r}")
+        self.attn_norm = attn_norm
         self.proj = nn.Conv2d(attn_maps, 1, 1, bias=True)  # kept a conv: the published layer
         # AFA's initialisation of this layer.
         nn.init.kaiming_normal_(self.proj.weight, a=math.sqrt(5), mode="fan_out")
 
+    def extra_repr(self) -> str:
+        return f"attn_norm={self.attn_norm!r}"
+
     def forward(self, attn_logits: Tensor) -> Tensor:
+        if self.attn_norm == "standardize":
+            attn_logits = standardize_attn_logits(attn_logits)
         combined = torch.einsum("bmij,m->bij", attn_logits, self.proj.weight.flatten().to(attn_logits.dtype))
         return torch.sigmoid(combined + combined.transpose(1, 2) + self.proj.bias.to(combined.dtype))

@@ -25,7 +25,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from wsss.errors import ConfigError, WsssError
-from wsss.models.weights import download_from_hf, load_state_dict_checked, read_state_dict
+from wsss.models.weights import RANDOM_INIT, download_from_hf, load_state_dict_checked, read_state_dict
 
 # LayerNorm epsilon of the blocks and stage norms in the official code (patch-embed and
 # spatial-reduction norms use the PyTorch default 1e-5).
@@ -313,7 +313,7 @@ def load_mit_weights(model: MixVisionTransformer, pretrained: str, name: str) ->
     """``pretrained``: a local file (official or Hugging Face naming) or "hub" (``nvidia/mit-b*``)."""
     if pretrained == "hub":
         if name not in HF_REPOS:
-            raise WsssError(f"no published weights for '{name}'; set model.pretrained to '' or a file path")
+            raise WsssError(f"no published weights for '{name}'; set model.pretrained to 'none' or a file path")
         path = download_from_hf(HF_REPOS[name], ("model.safetensors", "pytorch_model.bin"))
         source = f"'{HF_REPOS[name]}' ({path.name})"
     else:
@@ -326,11 +326,11 @@ def create_mit(
     strides: list[int] | tuple[int, ...] = (4, 2, 2, 1),
     attn_blocks: int = 2,
     drop_path_rate: float = 0.0,
-    pretrained: str = "",
+    pretrained: str = RANDOM_INIT,
 ) -> MixVisionTransformer:
     if name not in MIT_SPECS:
         raise ConfigError(f"unknown MiT '{name}'; expected one of {', '.join(MIT_SPECS)}")
     model = MixVisionTransformer(MIT_SPECS[name], strides, attn_blocks, drop_path_rate, name)
-    if pretrained:
+    if pretrained != RANDOM_INIT:
         load_mit_weights(model, pretrained, name)
     return model

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from wsss.config import Config, TrainConfig
 from wsss.errors import ConfigError
-from wsss.models.backbones import create_backbone
-from wsss.models.heads import AffinityHead, CamClassifier, SegFormerHead
+from wsss.models.backbones import TIMM_PREFIX, create_backbone
+from wsss.models.heads import ATTN_NORMS, AffinityHead, CamClassifier, SegFormerHead
+from wsss.models.mit import MIT_SPECS
 
 SEG_HEADS = ("segformer", "mask_decoder")
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
@@ -49,17 +50,43 @@ class NetworkOutput:
     features: list[Tensor] = field(default_factory=list)  # the 4 backbone maps
 
 
-class AFANetwork(nn.Module):
-    """Backbone + CAM classifier + seg head + AFA affinity head (``num_classes`` = C incl. background)."""
+def resolve_attn_norm(backbone_name: str, attn_norm: str) -> str:
+    """afa.attn_norm for ``backbone_name`` (model.backbone) -> "none" | "standardize".
 
-    def __init__(self, backbone: nn.Module, seg_head: nn.Module, num_classes: int, cam_pooling: str = "gmp") -> None:
+    "auto": "none" (raw q.k^T, the published head) for a MiT, "standardize" for a timm backbone,
+    whose (pretrained) logits are large enough to saturate the head's sigmoid (AffinityHead).
+    """
+    if attn_norm in ATTN_NORMS:
+        return attn_norm
+    if attn_norm != "auto":
+        raise ConfigError(f"afa.attn_norm must be 'auto', 'none' or 'standardize', got {attn_norm!r}")
+    name = backbone_name.strip()
+    if name in MIT_SPECS:
+        return "none"
+    if name.startswith(TIMM_PREFIX):
+        return "standardize"
+    raise ConfigError(f"afa.attn_norm='auto' does not know backbone {name!r}; set 'none' or 'standardize'")
+
+
+class AFANetwork(nn.Module):
+    """Backbone + CAM classifier + seg head + AFA affinity head (``num_classes`` = C incl. background).
+
+    ``attn_norm``: the resolved afa.attn_norm ("none" | "standardize", see :func:`resolve_attn_norm`),
+    kept as ``self.attn_norm`` for the run's log.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, seg_head: nn.Module, num_classes: int, cam_pooling: str = "gmp",
+        attn_norm: str = "none",
+    ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"the network needs at least 2 classes (background + 1), got {num_classes}")
         self.num_classes = num_classes
         self.backbone = backbone
         self.classifier = CamClassifier(backbone.out_channels[-1], num_classes - 1, cam_pooling)
-        self.affinity_head = AffinityHead(backbone.attn_maps)
+        self.affinity_head = AffinityHead(backbone.attn_maps, attn_norm)
+        self.attn_norm = self.affinity_head.attn_norm
         self.seg_head = seg_head
 
     def forward(self, images: Tensor, with_seg: bool = True, with_affinity: bool = True) -> NetworkOutput:
@@ -125,7 +152,9 @@ def build_seg_head(cfg: Config, in_channels: list[int], num_classes: int) -> nn.
 
 
 def build_network(cfg: Config, num_classes: int) -> AFANetwork:
-    """The network of ``cfg.model`` for ``num_classes`` = C classes including background."""
-    backbone = create_backbone(cfg.model, cfg.afa.attn_blocks)
+    """The network of ``cfg.model`` for ``num_classes`` = C classes including background
+    (afa.attn_norm "auto" resolved for the backbone: ``network.attn_norm``)."""
+    backbone = create_backbone(cfg.model, cfg.afa.attn_blocks)  # first: its error names the accepted backbones
+    attn_norm = resolve_attn_norm(cfg.model.backbone, cfg.afa.attn_norm)
     seg_head = build_seg_head(cfg, list(backbone.out_channels), num_classes)
-    return AFANetwork(backbone, seg_head, num_classes, cfg.model.cam_pooling)
+    return AFANetwork(backbone, seg_head, num_classes, cfg.model.cam_pooling, attn_norm)

@@ -18,11 +18,14 @@ _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
 _MAX_LISTED = 12
 
 
+RANDOM_INIT = "none"  # model.pretrained value for random initialisation
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A state dict from a ``.safetensors`` or a torch file (unwrapping ``{"state_dict": ...}``)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise WsssError(f"weight file '{path}' does not exist (model.pretrained must be '', 'hub' or a file path)")
+        raise WsssError(f"weight file '{path}' does not exist (model.pretrained must be 'hub', 'none' or a file path)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
