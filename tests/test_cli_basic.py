@@ -1,4 +1,4 @@
-"""The CLI shell: help, config show, and one-line errors without a traceback."""
+"""The CLI shell: help, --version, python -m wsss, config show, and one-line errors without a traceback."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,3 +42,46 @@ def test_eval_needs_exactly_one_source():
     out = run_cli("eval")
     assert out.returncode == 2 and "exactly one of --pred DIR or --checkpoint FILE" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def run_module(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python -m wsss ...`` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "wsss", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_python_m_wsss_prints_the_installed_version():
+    from importlib import metadata
+
+    import wsss
+
+    out = run_module("--version")
+    assert out.returncode == 0, out.stderr
+    try:
+        expected = metadata.version("wsss")
+    except metadata.PackageNotFoundError:
+        expected = wsss.__version__
+    assert out.stdout.strip() == f"wsss {expected}"
+
+
+def test_python_m_wsss_help_lists_predict_export_and_completion():
+    out = run_module("--help")
+    assert out.returncode == 0, out.stderr
+    for text in ("predict", "export", "--install-completion", "--version"):
+        assert text in out.stdout
+
+
+def test_import_wsss_is_cheap_and_load_model_is_lazy():
+    code = ("import sys, wsss; assert 'torch' not in sys.modules, 'import wsss imported torch'; "
+            "assert callable(wsss.load_model) and wsss.Segmenter.__name__ == 'Segmenter'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_data_demo_into_an_uncreatable_directory_is_one_error_line(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    out = run_cli("data", "demo", str(tmp_path / "a_file" / "demo"), "--num-train", "8", "--num-val", "2")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: cannot create the demo dataset directory '{tmp_path / 'a_file' / 'demo'}': Not a directory; "
+        "expected a new or empty directory in a writable place"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no temporary directory left

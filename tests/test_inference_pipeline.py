@@ -79,17 +79,21 @@ def test_pseudo_labels_are_restartable(setup, tmp_path, capsys):
     assert result["miou"] == pytest.approx(evaluate_prediction_dir(out, root, split="train")["miou"])
 
 
-def test_pseudo_labels_default_directory_and_data_root_override(setup, tmp_path):
+def test_pseudo_labels_default_directory_and_data_root_override(setup, tmp_path, monkeypatch):
+    """The default output sits next to the checkpoint (not below the current directory), the default
+    split is the run's training split, and --data-root replaces the run's dataset root."""
     root, ckpt, cfg, _ = setup
     moved = tmp_path / "moved"
     shutil.copytree(root, moved)
-    out = Path(cfg.train.work_dir) / "pseudo_labels" / "val_par"
+    out = Path(ckpt).parent / "pseudo_labels" / "train_par"
     out.mkdir(parents=True)
-    name = names(root, "val")[0]
+    name = names(root, "train")[0]
     (out / f".{name}.png.tmp{os.getpid() + 1}").write_bytes(b"half a file")  # a killed run's leftover
-    generate_pseudo_labels(ckpt, split="val", method="par", msc=False, data_root=moved, overrides=FAST)
-    assert sorted(p.stem for p in out.glob("*.png")) == sorted(names(root, "val"))
+    monkeypatch.chdir(tmp_path)  # somewhere else: the default must not depend on it
+    generate_pseudo_labels(ckpt, method="par", msc=False, data_root=moved, overrides=FAST)
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(names(root, "train"))
     assert read_label_png(out / f"{name}.png").shape == (64, 64)
+    assert not (tmp_path / "pseudo_labels").exists()
 
 
 def test_pseudo_labels_with_crf_in_a_worker_process(setup, tmp_path):

@@ -7,6 +7,7 @@ done from Python (see README, "Python API").
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -20,7 +21,7 @@ app = typer.Typer(
     help="wsss: end-to-end weakly-supervised semantic segmentation (AFA + PAR).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 data_app = typer.Typer(help="Build and convert datasets.", no_args_is_help=True)
@@ -28,6 +29,41 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
 OVERRIDES = typer.Argument(None, help="config overrides, e.g. train.lr=1e-4 cam.scales=[1.0,0.5]", show_default=False)
+
+
+def package_version() -> str:
+    """The installed distribution's version (importlib.metadata), else ``wsss.__version__`` (a source checkout)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("wsss")
+    except metadata.PackageNotFoundError:
+        from wsss import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"wsss {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_print_version, is_eager=True,
+                                           help="Print the version and exit."),
+) -> None:
+    """wsss: end-to-end weakly-supervised semantic segmentation (AFA + PAR)."""
+
+
+def _split_overrides(args: Optional[List[str]]) -> tuple[List[str], List[str]]:
+    """Positional arguments -> (inputs, section.key=value overrides); an existing file is always an input."""
+    inputs, overrides = [], []
+    for arg in args or []:
+        is_override = re.match(r"^[A-Za-z_]\w*\.[\w.]+=", arg) is not None and not Path(arg).exists()
+        (overrides if is_override else inputs).append(arg)
+    return inputs, overrides
 
 
 def _config(name: str, overrides: Optional[List[str]], data_root: Optional[Path] = None,
@@ -100,17 +136,42 @@ def data_coco_masks(
 
 @app.command()
 def train(
-    config: str = typer.Argument(..., help="voc | coco | custom | demo, or a path to a YAML file"),
+    config: Optional[str] = typer.Argument(
+        None, help="voc | coco | custom | demo, or a path to a YAML file (default with --resume: the run's own)"),
     overrides: Optional[List[str]] = OVERRIDES,
     data_root: Optional[Path] = typer.Option(None, help="dataset root (sets data.root)"),
     work_dir: Optional[Path] = typer.Option(None, help="output directory (sets train.work_dir)"),
-    resume: Optional[Path] = typer.Option(None, help="checkpoint to resume from exactly"),
+    resume: Optional[str] = typer.Option(
+        None, help="continue a run exactly: 'auto' (the work dir's last.pt) or a checkpoint path"),
 ) -> None:
     """Train AFA end to end: CAM, PAR pseudo labels, affinity, random walk, segmentation."""
     from wsss.engine.trainer import train as run_training
 
-    cfg = _config(config, overrides, data_root, work_dir)
+    if config is not None and "=" in config:  # only overrides were given: they are not a config name
+        overrides, config = [config, *(overrides or [])], None
+    if config is None:
+        if resume is None:
+            raise WsssError("give a config (voc | coco | custom | demo | FILE.yaml), or --resume to continue a run")
+        cfg = _resumed_config(resume, overrides, data_root, work_dir)
+    else:
+        cfg = _config(config, overrides, data_root, work_dir)
     run_training(cfg, resume=resume)
+
+
+def _resumed_config(resume: str, overrides: Optional[List[str]], data_root: Optional[Path],
+                    work_dir: Optional[Path]):
+    """The config saved in the checkpoint that ``--resume`` names (with overrides, data root and work dir)."""
+    from wsss.engine.checkpoint import checkpoint_config, load_checkpoint
+    from wsss.engine.trainer import resolve_resume
+
+    if str(resume) == "auto" and work_dir is None:
+        raise WsssError("--resume auto without a config needs --work-dir: the run to continue")
+    path = resolve_resume(resume, work_dir or ".")
+    extra = list(overrides or [])
+    if data_root is not None:
+        extra.append(f"data.root={data_root}")
+    extra.append(f"train.work_dir={work_dir if work_dir is not None else path.parent}")
+    return checkpoint_config(load_checkpoint(path), extra, f"'{path}'")
 
 
 # --------------------------------------------------------------------------- pseudolabel
@@ -119,8 +180,9 @@ def train(
 @app.command()
 def pseudolabel(
     checkpoint: Path = typer.Option(..., help="a checkpoint written by `wsss train`"),
-    split: str = typer.Option("train_aug", help="dataset split to label"),
-    out: Optional[Path] = typer.Option(None, help="output directory (default: <work_dir>/pseudo_labels/<split>_<method>)"),
+    split: Optional[str] = typer.Option(None, help="dataset split to label (default: the run's data.train_split)"),
+    out: Optional[Path] = typer.Option(
+        None, help="output directory (default: <checkpoint folder>/pseudo_labels/<split>_<method>)"),
     method: str = typer.Option("afa", help="cam | par | afa"),
     msc: bool = typer.Option(True, help="multi-scale + flip CAMs"),
     crf: bool = typer.Option(False, help="refine with DenseCRF (needs pydensecrf2)"),
@@ -209,6 +271,70 @@ def viz(
     index = visualize(checkpoint, out_dir=out, split=split, images=images, limit=limit,
                       data_root=data_root, overrides=overrides)
     typer.echo(f"panels and index written to {index}")
+
+
+# --------------------------------------------------------------------------- predict and export
+
+
+PREDICT_HELP = (
+    "Segment image files: one VOC-palette label PNG per image, at its original size.\n\n"
+    "Images are prepared as `wsss eval --checkpoint` prepares a split (long side eval.long_side, data.mean / "
+    "data.std) and run on train.device with train.precision of the model's config (override them as "
+    "section.key=value). New images have no image labels: --target cam and afa use the classes the classifier "
+    "predicts (sigmoid of the class logits of the scale-1 pass > 0.5, else the top class).\n\n"
+    "An unreadable image gives one 'error:' line and is skipped; the others are written and the exit code is 1. "
+    "Ends with a summary: images written, classes found with their pixel counts, time."
+)
+
+
+@app.command(help=PREDICT_HELP)
+def predict(
+    checkpoint: Path = typer.Option(..., help="a checkpoint (`wsss train`) or a model folder (`wsss export`)"),
+    args: List[str] = typer.Argument(
+        ..., help="images: files, directories (their images, sorted, not recursive) or quoted globs ('**' "
+        "recurses); and section.key=value overrides", show_default=False, metavar="INPUT"),
+    out: Path = typer.Option(..., help="output directory: <name>.png label maps (VOC palette, original size)"),
+    overlay: bool = typer.Option(False, help="also write <out>/overlay/<name>.png: the labels blended on the image"),
+    probs: bool = typer.Option(False, help="also write <out>/<name>.npz: class probabilities, key 'probs', "
+                               "float16 [C, H, W]"),
+    msc: bool = typer.Option(False, help="multi-scale test: eval.scales for seg, cam.scales for cam/afa"),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="average with the mirrored image "
+                                        "(default: as eval.flip, or cam.flip, say with --msc; none without)",
+                                        show_default=False),
+    crf: bool = typer.Option(False, help="DenseCRF post-processing (eval.crf_*; needs pydensecrf2)"),
+    target: str = typer.Option("seg", help="seg (segmentation head) | cam | afa (CAMs of the predicted classes)"),
+    batch_size: int = typer.Option(1, help="images read per loader step; the network still runs one image at "
+                                   "a time (sizes differ, so they cannot be stacked)"),
+    workers: Optional[int] = typer.Option(None, help="processes reading and resizing the next images while the "
+                                          "network runs (default: data.num_workers)", show_default=False),
+) -> None:
+    """Segment image files: one VOC-palette label PNG per image, at its original size (help: PREDICT_HELP)."""
+    from wsss.engine.predict import predict_images
+
+    inputs, overrides = _split_overrides(args)
+    if not inputs:
+        raise WsssError("give one or more images (files, directories or globs) to segment")
+    if target not in ("seg", "cam", "afa"):
+        raise WsssError(f"--target must be one of seg, cam, afa; got '{target}'")
+    summary = predict_images(
+        checkpoint, inputs, out, overlay=overlay, probs=probs, msc=msc, flip=flip, crf=crf, target=target,
+        batch_size=batch_size, num_workers=workers, overrides=overrides,
+    )
+    if summary["failed"]:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Option(..., help="a checkpoint written by `wsss train`"),
+    out_dir: Path = typer.Argument(..., help="the model folder to write (new, empty, or an earlier export)"),
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
+    """Write a self-contained model folder (model.safetensors, config.yaml, classes.json, README.md); no pickle."""
+    from wsss.engine.export import export_model
+
+    path = export_model(checkpoint, out_dir, overrides=overrides or [])
+    typer.echo(f"model exported to {path}")
 
 
 # --------------------------------------------------------------------------- demo

@@ -32,7 +32,9 @@ class DataConfig:
     root: str = "data/VOCdevkit/VOC2012"
     train_split: str = "train_aug"
     val_split: str = "val"
-    val_limit: int = 0  # validate on the first N images of val_split; 0 = all
+    # validate during training on N images of val_split spread evenly over it (a fixed subset); 0 = all.
+    # With a subset, the whole split is validated once more at the end of training.
+    val_limit: int = 0
     crop_size: int = 512
     rescale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     hflip: bool = True
@@ -119,6 +121,11 @@ class TrainConfig:
     log_interval: int = 50
     val_interval: int = 2000
     ckpt_interval: int = 1000
+    keep_checkpoints: int = 0  # also keep the last N interval checkpoints (iter_<N>.pt) besides last.pt / best.pt
+    # "tensorboard" (<work_dir>/tb) and / or "wandb" (Weights & Biases; pip install 'wsss[wandb]'; WANDB_MODE=offline
+    # to log without an account). metrics.jsonl and train.log are always written.
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "wsss"
     image_log_interval: int = 500
     work_dir: str = "work_dirs/voc"
 
@@ -320,6 +327,9 @@ def validate(cfg: Config) -> None:
         (cfg.data.total_batch_size > 0, "data.total_batch_size must be positive"),
         (cfg.train.accumulation_steps >= 0, "train.accumulation_steps must be >= 0 (0 = derived)"),
         (cfg.train.reg_loss_weight >= 0, "train.reg_loss_weight must be >= 0"),
+        (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0"),
+        (set(cfg.train.loggers) <= {"tensorboard", "wandb"},
+         f"train.loggers must be a list of 'tensorboard' and / or 'wandb', got {cfg.train.loggers}"),
         (cfg.train.reg_sigma_rgb > 0 and cfg.train.reg_sigma_xy > 0,
          "train.reg_sigma_rgb and train.reg_sigma_xy must be positive"),
         (0 < cfg.train.reg_scale <= 1, "train.reg_scale must be in (0, 1]"),

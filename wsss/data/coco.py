@@ -144,7 +144,9 @@ def convert_coco_masks(
         out_masks.mkdir(parents=True, exist_ok=True)
         listed: list[str] = []
         image_ids = sorted(coco.getImgIds())
-        for count, image_id in enumerate(image_ids, 1):
+        from tqdm import tqdm
+
+        for count, image_id in enumerate(tqdm(image_ids, desc=f"coco {split} masks", unit="img"), 1):
             file_name = coco.imgs[image_id]["file_name"]
             src = image_dir / file_name
             if not src.is_file():

@@ -230,7 +230,10 @@ class SegmentationDataset(Dataset):
         logger.info("computing image labels of split '%s' from %d masks (once; cached)", self.split, len(self))
         workers = max(1, min(8, os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:  # PNG decoding releases the GIL
-            rows = list(pool.map(self._labels_of, range(len(self))))
+            from tqdm import tqdm
+
+            rows = list(tqdm(pool.map(self._labels_of, range(len(self))), total=len(self),
+                             desc=f"image labels of '{self.split}'", unit="mask"))
         labels = np.stack(rows).astype(np.float32) if rows else np.zeros((0, k), dtype=np.float32)
         for path in candidates:
             try:

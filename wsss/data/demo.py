@@ -276,10 +276,14 @@ def build_demo_dataset(
         raise WsssError(f"'{out_dir}' exists and is not a demo dataset (no {_META}); choose a new or empty directory")
 
     tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (tmp / sub).mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (tmp / sub).mkdir(parents=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WsssError(_unwritable(out_dir, exc)) from None
     try:
         records: dict[str, dict[str, list[dict]]] = {}
         for split, count in (("train", num_train), ("val", num_val)):
@@ -294,14 +298,22 @@ def build_demo_dataset(
                 "colours": None if random_colours else [list(CLASS_COLOURS[c]) for c in range(num_classes)],
                 "objects": records}
         (tmp / _META).write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out_dir)
+        try:
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except OSError as exc:
+            raise WsssError(_unwritable(out_dir, exc)) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir
+
+
+def _unwritable(out_dir: Path, exc: OSError) -> str:
+    """The message for an output directory that cannot be created or replaced (names no temporary path)."""
+    return (f"cannot create the demo dataset directory '{out_dir}': {exc.strerror or type(exc).__name__}; "
+            "expected a new or empty directory in a writable place")
 
 
 def _check_classes(records: dict[str, list[dict]], num_classes: int, num_train: int) -> None:

@@ -419,6 +419,14 @@ def _check_labels_available(dataset: Any, what: str) -> None:
 VAL_KEYS = ("cam", "afa", "seg", "par")
 
 
+def validation_subset(size: int, limit: int) -> list[int]:
+    """Indices of ``limit`` images spread evenly over a split of ``size`` (all when limit <= 0 or >= size):
+    a fixed subset that, unlike the first N, samples the whole split (COCO's val list is ordered by id)."""
+    if limit <= 0 or limit >= size:
+        return list(range(size))
+    return [i * size // limit for i in range(limit)]
+
+
 def _validation_maps(net: nn.Module, image: Tensor, label: Tensor, out_size: Sequence[int],
                      cfg: Config) -> dict[str, Tensor]:
     """The label maps [H0, W0] that :func:`validate` scores, for one image [1, 3, h, w] at its own size."""
@@ -466,20 +474,20 @@ def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device
     - seg: the seg head, one scale, no flip, no CRF;
     - par (ours, not in the authors' logs): the cam probabilities refined by PAR.
 
-    ``limit`` > 0: the first ``limit`` images only. The network is put in eval mode and restored;
+    ``limit`` > 0: the fixed subset of :func:`validation_subset` only. The network is put in eval mode and restored;
     under torch.distributed each rank takes every world-th image and the matrices are summed.
     """
     device = torch.device(device)
     rank, world = _dist_info()
-    count = len(dataset) if limit <= 0 else min(limit, len(dataset))
-    indices = list(range(rank, count, world))
+    indices = validation_subset(len(dataset), limit)[rank::world]
     names = dataset.class_names
     matrices = {k: ConfusionMatrix(dataset.num_classes, device=device, class_names=names) for k in VAL_KEYS}
     net = _unwrap(network)
     was_training = net.training
     net.eval()
     try:
-        for item in _loader(dataset, indices, raw_image=False, num_workers=cfg.data.num_workers):
+        loader = _loader(dataset, indices, raw_image=False, num_workers=cfg.data.num_workers)
+        for item in tqdm(loader, desc="validation", unit="img", leave=False, disable=rank != 0):
             image = item["image"][None].to(device, non_blocking=True)
             mask = item["mask"].to(device, non_blocking=True)
             label = item["label"].to(device, non_blocking=True)
@@ -500,14 +508,14 @@ def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device
 # --------------------------------------------------------------------------- pseudo labels
 
 
-def default_pseudo_label_dir(cfg: Config, split: str, method: str) -> Path:
-    """<train.work_dir>/pseudo_labels/<split>_<method>."""
-    return Path(cfg.train.work_dir) / "pseudo_labels" / f"{split}_{method}"
+def default_pseudo_label_dir(checkpoint: str | Path, split: str, method: str) -> Path:
+    """<the checkpoint's folder>/pseudo_labels/<split>_<method>: next to the run that made them."""
+    return Path(checkpoint).resolve().parent / "pseudo_labels" / f"{split}_{method}"
 
 
 def generate_pseudo_labels(
     checkpoint: str | Path,
-    split: str = "train_aug",
+    split: str | None = None,
     out_dir: str | Path | None = None,
     method: str = "afa",
     msc: bool = True,
@@ -523,13 +531,15 @@ def generate_pseudo_labels(
     of the split (the standard WSSS protocol), at the original image size; msc: multi-scale
     + flip CAMs (``cam.scales``); crf: DenseCRF (``eval.crf_*``) in ``eval.crf_workers``
     processes; save_probs: also ``<name>.npy`` (float16 [C, H, W] class probabilities).
-    out_dir default: ``<train.work_dir>/pseudo_labels/<split>_<method>``; data_root replaces
-    the checkpoint's ``data.root``; overrides: ``section.key=value`` strings.
+    split default: the run's ``data.train_split``; out_dir default:
+    ``<the checkpoint's folder>/pseudo_labels/<split>_<method>``; data_root replaces the
+    checkpoint's ``data.root``; overrides: ``section.key=value`` strings.
 
     Restartable: images whose files exist are skipped; files are written via a temporary
     file and a rename. The options that decide the labels (checkpoint, method, msc, crf, the
     cam / par / afa settings) are kept in ``<out_dir>/pseudo_labels.json``; resuming into a
-    directory written with other options is an error. Under torchrun rank r labels names[r::world]. evaluate=True: the mIoU
+    directory written with other options is an error. Under torchrun rank r labels names[r::world].
+    evaluate=True: the mIoU
     of the written labels (skipped ones included) against the split's masks, summed over
     ranks, is printed (rank 0) and returned; otherwise returns None.
     """
@@ -539,11 +549,12 @@ def generate_pseudo_labels(
     if method not in CAM_METHODS:
         raise WsssError(f"method must be one of {', '.join(CAM_METHODS)}; got '{method}'")
     network, cfg, meta = _load(checkpoint, overrides, data_root)
+    split = split or cfg.data.train_split
     with _distributed(cfg.train.device) as (rank, world, device):
         network.to(device)
         dataset = build_dataset(cfg.data, split, train=False, long_side=None)
         _check_labels_available(dataset, f"pseudo labels (method '{method}')")
-        out = Path(out_dir) if out_dir is not None else default_pseudo_label_dir(cfg, split, method)
+        out = Path(out_dir) if out_dir is not None else default_pseudo_label_dir(checkpoint, split, method)
         out.mkdir(parents=True, exist_ok=True)
         _check_run_options(out, _run_options(checkpoint, meta, cfg, split, method, msc, crf), rank)
 

@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -544,22 +545,52 @@ def image_grid(images: Tensor, pseudo: PseudoLabels, seg_logits: Tensor | None, 
     return make_grid(torch.stack(tiles), nrow=5, padding=2, pad_value=1.0)
 
 
-class RunLogger:
-    """Rank-0 output: tqdm bar, train.log, TensorBoard. A no-op on other ranks."""
+METRICS_NAME = "metrics.jsonl"
 
-    def __init__(self, work_dir: Path, enabled: bool, total: int, start: int) -> None:
+
+class RunLogger:
+    """Rank-0 output: tqdm bar, train.log, metrics.jsonl, and the loggers of ``train.loggers``
+    (TensorBoard, Weights & Biases). A no-op on other ranks.
+
+    metrics.jsonl holds one JSON object per line: ``{"iteration", "kind": "train", "losses", "lr",
+    "seconds", "iterations_per_s", "images_per_s"}`` per log interval and ``{"iteration", "kind": "val",
+    "miou": {...}, "per_class_iou": {...}}`` per validation (null for classes absent from both).
+    """
+
+    def __init__(self, work_dir: Path, enabled: bool, total: int, start: int, cfg: Config | None = None) -> None:
         self.enabled = enabled
         self.writer = None
+        self.wandb = None
         self.bar = None
         self.file = None
+        self.metrics_file = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.writer = SummaryWriter(log_dir=str(work_dir / "tb"), purge_step=start if start > 0 else None)
+        loggers = cfg.train.loggers if cfg is not None else ["tensorboard"]
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(work_dir / "tb"), purge_step=start if start > 0 else None)
+        if "wandb" in loggers:
+            from wsss.errors import require
+
+            wandb = require("wandb", "wandb", "wandb")
+            # one W&B run per work dir: a resumed training continues it
+            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(work_dir), config=cfg.to_dict(),
+                                    id=_wandb_run_id(work_dir), resume="allow", name=work_dir.name)
         self.file = open(work_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.metrics_file = open(work_dir / METRICS_NAME, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, file=sys.stderr)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        """Append one record to metrics.jsonl (NaN written as null: strict JSON)."""
+        if not self.enabled:
+            return
+        clean = json.loads(json.dumps(record, default=float).replace("NaN", "null"))
+        self.metrics_file.write(json.dumps(clean) + "\n")
+        self.metrics_file.flush()
 
     def line(self, text: str) -> None:
         if not self.enabled:
@@ -577,13 +608,16 @@ class RunLogger:
     def scalars(self, values: dict[str, float], step: int, postfix: dict[str, str] | None = None) -> None:
         if not self.enabled:
             return
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
         if postfix:
             self.bar.set_postfix(postfix, refresh=False)
 
     def image(self, tag: str, grid: Tensor, step: int) -> None:
-        if self.enabled:
+        if self.writer is not None:
             self.writer.add_image(tag, grid, step)
 
     def close(self) -> None:
@@ -591,8 +625,21 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-        if self.file is not None:
-            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        for file in (self.file, self.metrics_file):
+            if file is not None:
+                file.close()
+
+
+def _wandb_run_id(work_dir: Path) -> str:
+    """A stable W&B run id per work dir (kept in it), so that a resumed run continues the same W&B run."""
+    import uuid
+
+    path = work_dir / "wandb_id.txt"
+    if not path.is_file():
+        path.write_text(uuid.uuid4().hex[:16] + "\n")
+    return path.read_text().strip()
 
 
 def _miou(result: Any) -> float:
@@ -668,11 +715,54 @@ def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = 
     return diffs
 
 
+RUN_FILES = (LAST_NAME, "config.yaml", "train.log", METRICS_NAME)
+CHECKPOINT_PATTERN = "iter_*.pt"
+
+
+def resolve_resume(resume: Path | str | None, work_dir: Path | str) -> Path | None:
+    """``--resume``: None, "auto" (the work dir's last.pt) or a checkpoint path -> the checkpoint path."""
+    if resume is None:
+        return None
+    if str(resume) == "auto":
+        path = Path(work_dir) / LAST_NAME
+        if not path.is_file():
+            raise WsssError(f"--resume auto: '{Path(work_dir)}' holds no {LAST_NAME} to resume from; start a new run "
+                            "without --resume, or give the checkpoint's path")
+        return path
+    return Path(resume)
+
+
+def check_work_dir(work_dir: Path, resuming: bool) -> None:
+    """Refuse to start a new run in a work dir that holds one (its checkpoints and logs would be mixed)."""
+    if resuming or not work_dir.is_dir():
+        return
+    found = [name for name in RUN_FILES if (work_dir / name).exists()]
+    if found:
+        raise WsssError(f"work dir '{work_dir}' already holds a run ({', '.join(found)}); continue it with "
+                        "--resume auto, or choose another --work-dir (train.work_dir)")
+
+
+def keep_interval_checkpoint(work_dir: Path, iteration: int, keep: int) -> None:
+    """Keep the just-written last.pt as iter_<iteration>.pt (a hard link, else a copy) and delete all
+    but the newest ``keep`` of them."""
+    import shutil
+
+    last, kept = work_dir / LAST_NAME, work_dir / f"iter_{iteration:07d}.pt"
+    kept.unlink(missing_ok=True)
+    try:
+        os.link(last, kept)  # last.pt is replaced (os.replace), never rewritten: the link keeps this state
+    except OSError:
+        shutil.copy2(last, kept)
+    for old in sorted(work_dir.glob(CHECKPOINT_PATTERN))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
 def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None = None) -> dict[str, Any]:
     """Train AFA end to end as configured -> summary dict.
 
-    resume: a checkpoint written by this function (``last.pt``); training continues exactly
-    (model, optimizer, schedule, iteration, RNG states, data order) to ``train.iterations``.
+    resume: a checkpoint written by this function (``last.pt``), or "auto" for the work dir's
+    ``last.pt``; training continues exactly (model, optimizer, schedule, iteration, RNG states,
+    data order) to ``train.iterations``. Without it, a work dir that already holds a run is refused.
     stop_after: stop after this many iterations, as if interrupted, with ``last.pt`` written
     there (the schedule still runs to ``train.iterations``); resume continues from it.
 
@@ -691,6 +781,8 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
     logs: RunLogger | None = None
     try:
         check_precision(cfg, ctx.device)
+        resume = resolve_resume(resume, work_dir)
+        check_work_dir(work_dir, resume is not None)
         ckpt = load_checkpoint(resume) if resume is not None else None
         if ckpt is not None:
             diffs = _config_differences(ckpt["config"], cfg.to_dict())
@@ -717,7 +809,8 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
 
         # identical initial weights on every rank (DDP also broadcasts rank 0's)
         seed_everything(tc.seed)
-        network = build_network(cfg, dataset.num_classes).to(ctx.device)
+        network = build_network(_without_pretrained(cfg) if ckpt is not None else cfg, dataset.num_classes)
+        network.to(ctx.device)
         use_sync_batchnorm(network, ctx, tc.sync_bn)
         network.train()
         optimizer = build_optimizer(network, cfg)
@@ -756,10 +849,12 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
 
         if ctx.is_main:
             _write_run_files(cfg, work_dir, versions)
-        logs = RunLogger(work_dir, ctx.is_main, tc.iterations, iteration)
+        logs = RunLogger(work_dir, ctx.is_main, tc.iterations, iteration, cfg)
         if ctx.is_main:
             for text in run_header(cfg, ctx, micro, accumulation, dataset, per_epoch, iteration, ckpt is not None):
                 logs.line(text)
+            logs.line(f"AFA head on {'standardized' if network.attn_norm == 'standardize' else 'raw'} attention "
+                      f"logits (afa.attn_norm={cfg.afa.attn_norm})")
 
         loader, sampler = build_train_loader(dataset, cfg, ctx, micro)
         find_unused = _needs_find_unused(cfg, iteration)
@@ -785,6 +880,7 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
             }
 
         batches = iterate_batches(loader, sampler, epoch, consumed, micro)
+        interval_start, interval_iterations = time.perf_counter(), 0
         while iteration < tc.iterations and (stop_after is None or iteration < stop_after):
             if find_unused and not _needs_find_unused(cfg, iteration) and ctx.distributed:
                 del model  # the warm-up wrapper's hooks go with it
@@ -799,6 +895,7 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
             for k in LOSS_NAMES:
                 sums[k] += result.losses[k]
             since_log += 1
+            interval_iterations += 1
             logs.advance()
 
             if iteration % log_every == 0 or iteration == tc.iterations:
@@ -810,6 +907,12 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
                              {**{k: f"{v:.4f}" for k, v in last_losses.items()}, "lr": f"{lr:.2e}"})
                 logs.line(f"iter {iteration}/{tc.iterations} epoch {epoch} "
                           + " ".join(f"{k} {v:.4f}" for k, v in last_losses.items()) + f" lr {lr:.3e}")
+                elapsed = time.perf_counter() - interval_start
+                rate = interval_iterations / max(elapsed, 1e-9)
+                logs.metrics({"iteration": iteration, "kind": "train", "epoch": epoch, "losses": last_losses, "lr": lr,
+                              "seconds": round(time.perf_counter() - started, 3), "iterations_per_s": rate,
+                              "images_per_s": rate * cfg.data.total_batch_size})
+                interval_start, interval_iterations = time.perf_counter(), 0
                 for k in LOSS_NAMES:
                     sums[k].zero_()
                 since_log = 0
@@ -818,9 +921,7 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
                 _log_images(logs, network, result.batch, result, cfg, ctx.device, iteration)
 
             if val_dataset is not None and (iteration % tc.val_interval == 0 or iteration == tc.iterations):
-                last_val = _validate(network, val_dataset, cfg, ctx.device)
-                logs.scalars({f"val/{k}_miou": v for k, v in last_val.items()}, iteration)
-                logs.line(f"iter {iteration} val mIoU " + " ".join(f"{k} {v:.2f}" for k, v in last_val.items()))
+                last_val = _validate(network, val_dataset, cfg, ctx.device, logs, iteration, cfg.data.val_limit)
                 seg = last_val.get("seg", math.nan)
                 if math.isfinite(seg) and seg > best_miou:
                     best_miou = seg
@@ -834,8 +935,13 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
                 state = checkpoint_state()
                 if ctx.is_main:
                     save_checkpoint(state, work_dir / LAST_NAME)
+                    if tc.keep_checkpoints > 0 and iteration % ckpt_every == 0:
+                        keep_interval_checkpoint(work_dir, iteration, tc.keep_checkpoints)
                 last_saved = iteration
 
+        if val_dataset is not None and cfg.data.val_limit > 0 and iteration == tc.iterations and last_saved >= 0:
+            # the subset served during training; the final model is scored on the whole split
+            _validate(network, val_dataset, cfg, ctx.device, logs, iteration, 0, "val_full")
         if last_saved != iteration:  # e.g. resumed at the end already
             state = checkpoint_state()
             if ctx.is_main:
@@ -862,14 +968,35 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
             du.cleanup_distributed()
 
 
-def _validate(network: nn.Module, dataset: Dataset, cfg: Config, device: torch.device) -> dict[str, float]:
-    """CAM, AFA-CAM and seg mIoU on the first data.val_limit val images (all ranks take part)."""
+def _without_pretrained(cfg: Config) -> Config:
+    """A copy of cfg that builds the network without loading weights (a resumed run's come from its checkpoint)."""
+    import copy
+
+    from wsss.models.weights import RANDOM_INIT
+
+    cfg = copy.deepcopy(cfg)
+    cfg.model.pretrained = RANDOM_INIT
+    return cfg
+
+
+def _validate(network: nn.Module, dataset: Dataset, cfg: Config, device: torch.device, logs: RunLogger,
+              iteration: int, limit: int, name: str = "val") -> dict[str, float]:
+    """Validation mIoUs (:func:`wsss.engine.inference.validate`, all ranks take part) on ``limit`` images
+    (0 = all), logged to TensorBoard / W&B (``<name>/<key>_miou``), train.log and metrics.jsonl."""
     from wsss.engine.inference import VAL_KEYS, validate
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training RNG untouched
-        results = validate(network, dataset, cfg, device, cfg.data.val_limit)
+        results = validate(network, dataset, cfg, device, limit)
     network.train()
-    return {k: _miou(results[k]) for k in VAL_KEYS if k in results}
+    mious = {k: _miou(results[k]) for k in VAL_KEYS if k in results}
+    logs.scalars({f"{name}/{k}_miou": v for k, v in mious.items()}, iteration)
+    count = results[VAL_KEYS[0]]["num_images"]
+    logs.line(f"iter {iteration} {name} mIoU ({count} images) " + " ".join(f"{k} {v:.2f}" for k, v in mious.items()))
+    per_class = {k: dict(zip(results[k].get("class_names") or range(len(results[k]["iou"])), results[k]["iou"]))
+                 for k in mious}
+    logs.metrics({"iteration": iteration, "kind": name, "num_images": count, "miou": mious,
+                  "per_class_iou": per_class})
+    return mious
 
 
 def _log_images(logs: RunLogger, network: nn.Module, batch: dict[str, Any], result: StepResult, cfg: Config,
