@@ -251,7 +251,7 @@ def test_hub_download_offline_gives_a_clear_error(monkeypatch):
         raise LocalEntryNotFoundError("no connection")
 
     monkeypatch.setattr(hub, "hf_hub_download", offline)
-    with pytest.raises(WsssError, match="nvidia/mit-b1.*model.pretrained to the file path"):
+    with pytest.raises(WsssError, match="nvidia/mit-b1.*set model.pretrained to its path, or model.pretrained=none"):
         create_backbone(ModelConfig(backbone="mit_b1", pretrained="hub"), 2)
 
 

@@ -330,4 +330,4 @@ def test_the_first_lines_of_a_run_name_the_weights_and_the_batch_split():
     assert "ImageNet weights" in voc[0]
     assert voc[1] == "total batch 4 = 1 process(es) x 2 image(s) x 2 accumulation step(s)"
     scratch = run_header(load_config("voc", ["model.pretrained=none"]), ctx, 2, 2, range(10), 5, 0, False)
-    assert "RANDOM initialisation" in scratch[0]
+    assert "random initialisation (model.pretrained=none" in scratch[0]

@@ -658,7 +658,7 @@ def run_header(cfg: Config, ctx: du.DistContext, micro: int, accumulation: int, 
     tc = cfg.train
     pretrained = cfg.model.pretrained
     if pretrained == RANDOM_INIT:
-        weights = "RANDOM initialisation (model.pretrained=none; the published recipe starts from ImageNet weights)"
+        weights = "random initialisation (model.pretrained=none; the published recipe starts from ImageNet weights)"
     elif pretrained == "hub":
         weights = "ImageNet weights from the hub (model.pretrained=hub)"
     else:

@@ -73,23 +73,31 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, Tensor], source:
 
 
 def download_from_hf(repo_id: str, filenames: tuple[str, ...]) -> Path:
-    """Download the first of ``filenames`` that ``repo_id`` holds; WsssError when offline."""
+    """Download the first of ``filenames`` that ``repo_id`` holds (or take it from the cache); one WsssError
+    naming what to download and which key to set when that is impossible (offline, no access)."""
+    import logging
+
     hub = require("huggingface_hub")
     errors = require("huggingface_hub.errors", "huggingface_hub")
     remote_missing = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
-    for filename in filenames:
-        try:
-            return Path(hub.hf_hub_download(repo_id, filename))
-        except errors.LocalEntryNotFoundError as exc:  # offline and not cached (checked before its base class)
-            raise WsssError(
-                f"could not download '{filename}' of '{repo_id}' from the Hugging Face hub (offline and not "
-                f"cached: {exc}); download it elsewhere and set model.pretrained to the file path"
-            ) from None
-        except remote_missing:
-            continue
-        except Exception as exc:  # noqa: BLE001 -- network, auth, HTTP errors: all mean "no weights"
-            raise WsssError(
-                f"could not download '{filename}' of '{repo_id}' from the Hugging Face hub: {exc}; "
-                "download it elsewhere and set model.pretrained to the file path"
-            ) from None
-    raise WsssError(f"Hugging Face repository '{repo_id}' holds none of {', '.join(filenames)}")
+    how = (f"download {filenames[0]} from https://huggingface.co/{repo_id} and set model.pretrained to its path, "
+           "or model.pretrained=none to train from random weights")
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings would bury our one line
+    try:
+        for filename in filenames:
+            try:
+                return Path(hub.hf_hub_download(repo_id, filename))
+            except errors.LocalEntryNotFoundError:  # offline and not cached (checked before its base class)
+                raise WsssError(f"could not get '{filename}' of '{repo_id}' from the Hugging Face hub (offline and "
+                                f"not in the cache); {how}") from None
+            except remote_missing:
+                continue
+            except Exception as exc:  # noqa: BLE001 -- network, auth, HTTP errors: all mean "no weights"
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise WsssError(f"could not get '{filename}' of '{repo_id}' from the Hugging Face hub ({first}); "
+                                f"{how}") from None
+    finally:
+        hub_logger.setLevel(level)
+    raise WsssError(f"Hugging Face repository '{repo_id}' holds none of {', '.join(filenames)}; {how}")
