@@ -40,22 +40,6 @@ def wsss(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
 
 
-def wsss_here(capsys, *args: str) -> subprocess.CompletedProcess:
-    """The same entry point in this process (no interpreter start-up), exit code and output captured."""
-    from wsss.cli import main
-
-    capsys.readouterr()
-    argv = sys.argv
-    sys.argv = ["wsss", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +85,10 @@ def test_tensorboard_has_losses_lr_val_mious_and_image_grids(trained):
     assert events.Tags()["images"]
 
 
-def test_pseudolabel_writes_one_label_png_per_image_and_scores_them(trained, capsys):
+def test_pseudolabel_writes_one_label_png_per_image_and_scores_them(trained, wsss_here):
     data, work = trained
     out_dir = work / "labels_afa"
-    out = wsss_here(capsys, "pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train", "--method", "afa",
+    out = wsss_here("pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train", "--method", "afa",
                "--eval", "--out", str(out_dir))
     assert out.returncode == 0, out.stderr[-3000:]
     pngs = sorted(out_dir.glob("*.png"))
@@ -115,9 +99,9 @@ def test_pseudolabel_writes_one_label_png_per_image_and_scores_them(trained, cap
     assert 0 <= miou <= 100
 
 
-def test_eval_of_the_checkpoint_writes_metrics_in_range(trained, capsys):
+def test_eval_of_the_checkpoint_writes_metrics_in_range(trained, wsss_here):
     data, work = trained
-    out = wsss_here(capsys, "eval", "--checkpoint", str(work / "best.pt"), "--split", "val",
+    out = wsss_here("eval", "--checkpoint", str(work / "best.pt"), "--split", "val",
                     "--json", str(work / "val.json"))
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((work / "val.json").read_text())
@@ -125,12 +109,12 @@ def test_eval_of_the_checkpoint_writes_metrics_in_range(trained, capsys):
     assert len(metrics["iou"]) == NUM_CLASSES + 1
 
 
-def test_resume_through_the_cli_continues_to_the_new_iteration_count(trained, tmp_path, capsys):
+def test_resume_through_the_cli_continues_to_the_new_iteration_count(trained, tmp_path, wsss_here):
     data, work = trained
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "last.pt").write_bytes((work / "last.pt").read_bytes())
-    out = wsss_here(capsys, "train", "demo", "--data-root", str(data), "--work-dir", str(resumed), *TINY,
+    out = wsss_here("train", "demo", "--data-root", str(data), "--work-dir", str(resumed), *TINY,
                "train.iterations=7", "train.val_interval=0", "--resume", str(resumed / "last.pt"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert torch.load(resumed / "last.pt", weights_only=True)["iteration"] == 7
@@ -141,30 +125,30 @@ def test_missing_checkpoint_is_one_line_error(tmp_path):
     assert "nope.pt" in line and "does not exist" in line
 
 
-def test_unknown_config_key_is_one_line_error(tmp_path, capsys):
-    line = error_line(wsss_here(capsys, "train", "demo", "--work-dir", str(tmp_path), "train.lrr=1"))
+def test_unknown_config_key_is_one_line_error(tmp_path, wsss_here):
+    line = error_line(wsss_here("train", "demo", "--work-dir", str(tmp_path), "train.lrr=1"))
     assert "unknown config key 'train.lrr'" in line and "did you mean 'lr'" in line
 
 
-def test_missing_dataset_directory_is_one_line_error(tmp_path, capsys):
+def test_missing_dataset_directory_is_one_line_error(tmp_path, wsss_here):
     missing = tmp_path / "no_such_dataset"
-    line = error_line(wsss_here(capsys, "train", "demo", "--data-root", str(missing),
+    line = error_line(wsss_here("train", "demo", "--data-root", str(missing),
                                 "--work-dir", str(tmp_path / "w")))
     assert str(missing) in line and "does not exist" in line
 
 
-def test_crf_without_pydensecrf2_is_one_line_error_naming_the_package(trained, tmp_path, capsys, monkeypatch):
+def test_crf_without_pydensecrf2_is_one_line_error_naming_the_package(trained, tmp_path, wsss_here, monkeypatch):
     _, work = trained
     monkeypatch.setitem(sys.modules, "pydensecrf", None)  # import pydensecrf now raises ImportError
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
-    line = error_line(wsss_here(capsys, "pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train",
+    line = error_line(wsss_here("pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train",
                                 "--method", "cam", "--crf", "--out", str(tmp_path / "crf")))
     assert "pydensecrf2" in line
 
 
-def test_resume_with_a_config_whose_network_differs_is_one_line_error(trained, tmp_path, capsys):
+def test_resume_with_a_config_whose_network_differs_is_one_line_error(trained, tmp_path, wsss_here):
     data, work = trained
-    line = error_line(wsss_here(capsys, "train", "demo", "--data-root", str(data), "--work-dir", str(tmp_path), *TINY,
+    line = error_line(wsss_here("train", "demo", "--data-root", str(data), "--work-dir", str(tmp_path), *TINY,
                                 "model.seg_head=mask_decoder", "--resume", str(work / "last.pt")))
     assert "cannot resume" in line and "last.pt" in line
 

@@ -4,8 +4,6 @@ what the training checkpoint predicts."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,22 +38,6 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     return root, Path(summary["last_checkpoint"])
 
 
-def wsss_here(capsys, *args: str) -> subprocess.CompletedProcess:
-    """The ``wsss`` entry point (``wsss.cli.main``) in this process -> exit code, stdout, stderr."""
-    from wsss.cli import main
-
-    capsys.readouterr()
-    argv = sys.argv
-    sys.argv = ["wsss", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 @pytest.fixture(scope="module")
@@ -104,30 +86,30 @@ def test_exported_model_predicts_exactly_what_the_checkpoint_predicts(trained, e
         assert np.array_equal(a, b)
 
 
-def test_export_and_predict_from_the_command_line(trained, tmp_path, capsys):
+def test_export_and_predict_from_the_command_line(trained, tmp_path, wsss_here):
     from wsss.data.io import read_label_png
 
     root, ckpt = trained
     out = tmp_path / "model"
-    result = wsss_here(capsys, "export", "--checkpoint", str(ckpt), str(out))
+    result = wsss_here("export", "--checkpoint", str(ckpt), str(out))
     assert result.returncode == 0, result.stderr
     assert f"model exported to {out}" in result.stdout
-    result = wsss_here(capsys, "export", "--checkpoint", str(ckpt), str(out))  # an earlier export is replaced
+    result = wsss_here("export", "--checkpoint", str(ckpt), str(out))  # an earlier export is replaced
     assert result.returncode == 0, result.stderr
     pred = tmp_path / "pred"
-    result = wsss_here(capsys, "predict", "--checkpoint", str(out), str(root / "JPEGImages"), "--out", str(pred),
+    result = wsss_here("predict", "--checkpoint", str(out), str(root / "JPEGImages"), "--out", str(pred),
                        "train.device=cpu", "data.num_workers=0")
     assert result.returncode == 0, result.stderr
     assert len(list(pred.glob("*.png"))) == 12 and read_label_png(pred / "val_0000.png").shape == (64, 64)
 
 
-def test_export_refuses_a_folder_with_other_files_and_load_model_a_plain_folder(trained, tmp_path, capsys):
+def test_export_refuses_a_folder_with_other_files_and_load_model_a_plain_folder(trained, tmp_path, wsss_here):
     import wsss
 
     _, ckpt = trained
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    result = wsss_here(capsys, "export", "--checkpoint", str(ckpt), str(tmp_path / "busy"))
+    result = wsss_here("export", "--checkpoint", str(ckpt), str(tmp_path / "busy"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: '{tmp_path / 'busy'}' holds other files than an export (notes.txt)")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"

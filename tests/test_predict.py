@@ -4,8 +4,6 @@ odd sizes and image modes, an unreadable file, probabilities, and the same label
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,22 +41,6 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     return root, Path(summary["last_checkpoint"])
 
 
-def wsss_here(capsys, *args: str) -> subprocess.CompletedProcess:
-    """The ``wsss`` entry point (``wsss.cli.main``) in this process -> exit code, stdout, stderr."""
-    from wsss.cli import main
-
-    capsys.readouterr()
-    argv = sys.argv
-    sys.argv = ["wsss", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def val_images(root: Path) -> list[Path]:
@@ -83,12 +65,12 @@ def odd_images(folder: Path) -> dict[str, tuple[int, int]]:
             "rotated": (53, 37)}
 
 
-def test_predict_odd_sizes_and_modes_goes_on_past_an_unreadable_file(trained, tmp_path, capsys):
+def test_predict_odd_sizes_and_modes_goes_on_past_an_unreadable_file(trained, tmp_path, wsss_here):
     _, ckpt = trained
     expected = odd_images(tmp_path / "in")
     out = tmp_path / "out"
     # one DataLoader worker process reads the images two at a time: the bad file must not stop it
-    result = wsss_here(capsys, "predict", "--checkpoint", str(ckpt), str(tmp_path / "in"), "--out", str(out),
+    result = wsss_here("predict", "--checkpoint", str(ckpt), str(tmp_path / "in"), "--out", str(out),
                        "--overlay", "--probs", "--workers", "1", "--batch-size", "2", *FAST)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -125,7 +107,7 @@ def test_modes_convert_like_the_rgb_image(tmp_path):
 
 
 @pytest.mark.parametrize("msc, crf", [(False, False), (True, False), (True, True)])
-def test_predict_over_val_gives_the_labels_and_miou_of_evaluate_checkpoint(trained, tmp_path, capsys, msc, crf):
+def test_predict_over_val_gives_the_labels_and_miou_of_evaluate_checkpoint(trained, tmp_path, wsss_here, msc, crf):
     from wsss.engine.evaluation import evaluate_prediction_dir
     from wsss.engine.inference import evaluate_checkpoint
 
@@ -134,7 +116,7 @@ def test_predict_over_val_gives_the_labels_and_miou_of_evaluate_checkpoint(train
     root, ckpt = trained
     out = tmp_path / "pred"
     glob = str(root / "JPEGImages" / "val_*.jpg")  # a quoted glob, expanded by wsss predict
-    result = wsss_here(capsys, "predict", "--checkpoint", str(ckpt), glob, "--out", str(out),
+    result = wsss_here("predict", "--checkpoint", str(ckpt), glob, "--out", str(out),
                        "--msc" if msc else "--no-msc", "--crf" if crf else "--no-crf", *FAST)
     assert result.returncode == 0, result.stderr
     saved = tmp_path / "eval"
@@ -212,10 +194,10 @@ def test_output_names_keep_relative_paths_only_for_colliding_stems(tmp_path):
     assert output_names(files) == ["a/x", "b/x", "y", "c/z.jpg", "c/z.png"]
 
 
-def test_predict_without_images_is_one_error_line(trained, tmp_path, capsys):
+def test_predict_without_images_is_one_error_line(trained, tmp_path, wsss_here):
     _, ckpt = trained
     (tmp_path / "empty").mkdir()
-    result = wsss_here(capsys, "predict", "--checkpoint", str(ckpt), str(tmp_path / "empty"), "--out",
+    result = wsss_here("predict", "--checkpoint", str(ckpt), str(tmp_path / "empty"), "--out",
                        str(tmp_path / "out"), *FAST)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: directory '{tmp_path / 'empty'}' holds no image files "

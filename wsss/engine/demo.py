@@ -145,6 +145,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Build data (if missing), train, pseudo-label, evaluate; print the table (module docstring) -> results."""
     from wsss.data.demo import build_demo_dataset
+    from wsss.engine.checkpoint import LAST_NAME
     from wsss.engine.inference import evaluate_checkpoint, generate_pseudo_labels
     from wsss.engine.trainer import train
 
@@ -160,7 +161,11 @@ def run_demo(
     if not any(o.strip().startswith("train.precision=") for o in overrides):
         cfg.train.precision = "bf16" if native_bf16(cfg.train.device) else "fp32"  # bf16 where it is faster
 
-    summary = train(cfg)
+    resume = None
+    if (work_dir / LAST_NAME).is_file():  # a demo run is there: continue it (a finished one only re-scores)
+        print(f"continuing the demo run in {work_dir} (delete it to start over)", flush=True)
+        resume = "auto"
+    summary = train(cfg, resume=resume)
     trained = time.perf_counter()
     checkpoint = Path(summary["last_checkpoint"])
     rows: dict[str, float] = {}

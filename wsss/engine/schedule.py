@@ -1,13 +1,13 @@
-"""Learning-rate schedule of AFA (design notes sec. 5): linear warm-up, then poly decay.
+"""Learning-rate schedule of AFA (docs/method.md, "Losses, schedule"): linear warm-up, then poly decay.
 
 With T = ``train.iterations``, W = ``train.warmup_iters``, t = optimizer steps taken::
 
     factor(t) = r + (1 - r) * t / W              t < W   (r = train.warmup_ratio)
-    factor(t) = (1 - (t - W) / (T - W)) ** p     W <= t  (p = train.poly_power)
+    factor(t) = (1 - t / T) ** p                 W <= t  (p = train.poly_power)
 
-so the learning rate rises from ``r x lr`` to ``lr`` and then decays to 0 at the end
-without a jump (the published code restarts the poly curve from ``(1 - W/T)``; the
-difference is at most W/T). Each optimizer group's learning rate is
+as the official ``PolyWarmupAdamW``: the learning rate rises from ``r x lr`` to ``lr``, then
+follows the poly curve of the whole run, which steps down to ``(1 - W/T) ** p`` at t = W (0.925
+on VOC) and reaches 0 at the end. Each optimizer group's learning rate is
 ``train.lr * group["lr_mult"] * factor(t)`` (the groups of :meth:`AFANetwork.param_groups`);
 the schedule is a :class:`torch.optim.lr_scheduler.LambdaLR`, so its state (the step
 count) goes into the checkpoint with ``scheduler.state_dict()``.
@@ -26,10 +26,7 @@ def lr_factor(step: int, train_cfg: TrainConfig) -> float:
     total, warmup, ratio = train_cfg.iterations, train_cfg.warmup_iters, train_cfg.warmup_ratio
     if step < warmup:
         return ratio + (1.0 - ratio) * step / warmup
-    if total <= warmup:
-        return 1.0
-    remaining = 1.0 - min(step - warmup, total - warmup) / (total - warmup)
-    return remaining ** train_cfg.poly_power
+    return (1.0 - min(step, total) / total) ** train_cfg.poly_power
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig) -> LambdaLR:

@@ -336,6 +336,16 @@ def _micro_step(
     return total, losses, out, pseudo
 
 
+def zero_fill_grads(model: nn.Module) -> None:
+    """Zero gradients for the trainable parameters the CAM-only warm-up did not reach (seg head, affinity
+    head): the official loop runs them with loss weight 0, so AdamW still decays them and counts their
+    steps, which sets the size of their first updates after the warm-up. Skipping their forward saves the
+    time; this keeps the optimizer state as the official run's."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def train_step(
     model: nn.Module,
     batch: dict[str, Any] | list[dict[str, Any]],
@@ -371,6 +381,8 @@ def train_step(
             sums[k] = v.detach() if k not in sums else sums[k] + v.detach()
 
     with timer.phase("optimizer"):
+        if iteration < cfg.train.cam_iters:
+            zero_fill_grads(model)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
