@@ -40,9 +40,8 @@ def test_small_image_is_padded_with_ignored_pixels_outside_the_valid_box():
     inside = torch.zeros(64, 64, dtype=torch.bool)
     inside[y0:y1, x0:x1] = True
     assert (out["mask"][~inside] == 255).all()
-    assert (out["image"][:, ~inside] == 0).all()  # 0 after normalization = the mean colour
     padded_rgb = denormalize(out["image"], MEAN, STD)[:, ~inside]
-    assert torch.allclose(padded_rgb, torch.tensor(MEAN)[:, None].expand_as(padded_rgb), atol=1e-6)
+    assert torch.allclose(padded_rgb, torch.zeros_like(padded_rgb), atol=1e-6)  # black, as the official code
     assert torch.equal(out["mask"][y0:y1, x0:x1], torch.from_numpy(mask).long())
     expected = normalize(to_image_tensor(image), MEAN, STD)
     assert torch.allclose(out["image"][:, y0:y1, x0:x1], expected, atol=1e-6)
@@ -54,6 +53,15 @@ def test_large_image_crop_is_fully_valid():
     out = transform(48)(image, mask_of(image))
     assert out["valid_box"].tolist() == [0, 48, 0, 48]
     assert (out["mask"] != 255).all()
+
+
+def test_the_padding_colour_is_data_pad_rgb():
+    mean_rgb = [255 * m for m in MEAN]  # the mean colour: 0 after normalization (mmsegmentation's padding)
+    out = TrainTransform(64, (1.0, 1.0), False, False, MEAN, STD, 255, pad_rgb=mean_rgb)(blocky_image(20, 30), None)
+    y0, y1, x0, x1 = out["valid_box"].tolist()
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[y0:y1, x0:x1] = True
+    assert out["image"][:, ~inside].abs().max() < 1e-6
 
 
 def test_padding_offset_is_random_so_the_box_moves():

@@ -1,4 +1,4 @@
-"""Affinity labels, window, random walk and propagation (afa.md sec. 3)."""
+"""Affinity labels, window, random walk and propagation (docs/method.md sec. 5)."""
 
 from __future__ import annotations
 

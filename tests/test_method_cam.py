@@ -1,4 +1,4 @@
-"""CAMs and pseudo labels (afa.md sec. 2): multi-scale + flip CAM, thresholds, PAR-refined labels."""
+"""CAMs and pseudo labels (docs/method.md sec. 3): multi-scale + flip CAM, thresholds, PAR-refined labels."""
 
 from __future__ import annotations
 

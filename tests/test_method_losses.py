@@ -1,4 +1,4 @@
-"""Losses (afa.md sec. 3 and 5): classification, balanced segmentation, affinity."""
+"""Losses (docs/method.md sec. 5 and 7): classification, balanced segmentation, affinity."""
 
 from __future__ import annotations
 

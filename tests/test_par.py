@@ -1,4 +1,4 @@
-"""PAR (afa.md sec. 4): the kernel, the update rule, and agreement with the plain formula."""
+"""PAR (docs/method.md sec. 4): the kernel, the update rule, and agreement with the plain formula."""
 
 from __future__ import annotations
 

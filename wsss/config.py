@@ -1,7 +1,7 @@
 """Typed configuration: one dataclass per section, YAML files, dotted overrides.
 
 Defaults are the published AFA values for PASCAL VOC 2012 (Ru et al., CVPR
-2022; see the design notes). ``configs/<name>.yaml`` files only list what
+2022; see docs/method.md). ``configs/<name>.yaml`` files only list what
 differs from these defaults. Every hyper-parameter of the method lives here;
 no number of the method hides in a function body.
 
@@ -41,6 +41,9 @@ class DataConfig:
     color_jitter: bool = False
     # brightness, contrast, saturation, hue of the colour jitter (torchvision ColorJitter)
     color_jitter_strength: list[float] = field(default_factory=lambda: [0.3, 0.3, 0.3, 0.05])
+    # colour (RGB, 0..255) of the padding of a crop larger than the rescaled image: black as the official code;
+    # [123.675, 116.28, 103.53] pads with the mean colour (0 after normalization), as mmsegmentation
+    pad_rgb: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     ignore_index: int = 255
@@ -339,6 +342,8 @@ def validate(cfg: Config) -> None:
         (len(cfg.data.rescale_range) == 2 and 0 < cfg.data.rescale_range[0] <= cfg.data.rescale_range[1],
          "data.rescale_range must be [low, high] with 0 < low <= high"),
         (len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean and data.std must have 3 values"),
+        (len(cfg.data.pad_rgb) == 3 and all(0 <= v <= 255 for v in cfg.data.pad_rgb),
+         "data.pad_rgb must be 3 values in 0..255"),
         (len(cfg.model.strides) == 4, "model.strides must have 4 values, one per stage"),
         (len(cfg.train.betas) == 2, "train.betas must be [beta1, beta2]"),
         (cfg.train.iterations > 0, "train.iterations must be positive"),

@@ -14,8 +14,8 @@ Training (``TrainTransform``), in this order:
   3. random horizontal flip (``data.hflip``);
   4. normalization with ``data.mean`` / ``data.std``;
   5. random crop to ``data.crop_size``; an image smaller than the crop is
-     placed at a random position on a padded canvas: padded pixels are 0 in
-     the normalized image (the mean colour) and ``ignore_index`` in the mask,
+     placed at a random position on a padded canvas: padded pixels have the colour
+     ``data.pad_rgb`` (black, as the official code) and ``ignore_index`` in the mask,
      and the valid box (y0, y1, x0, x1) of the real pixels is returned.
 
 Evaluation (``EvalTransform``): resize so the long side is ``long_side``
@@ -57,7 +57,7 @@ def normalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
 
 
 def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Normalized images [..., 3, H, W] -> RGB in [0, 1] (what PAR wants); padding becomes the mean colour."""
+    """Normalized images [..., 3, H, W] -> RGB in [0, 1] (what PAR wants)."""
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(3, 1, 1)
     return (images * s + m).clamp(0.0, 1.0)
@@ -68,20 +68,21 @@ def _randint(high: int) -> int:
     return int(torch.randint(0, high + 1, (1,)).item()) if high > 0 else 0
 
 
-def pad_and_crop(image: Tensor, mask: Tensor, crop_size: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+def pad_and_crop(image: Tensor, mask: Tensor, crop_size: int, ignore_index: int,
+                 fill: Sequence[float] = (0.0, 0.0, 0.0)) -> tuple[Tensor, Tensor, Tensor]:
     """Random crop with padding.
 
     image float [3, H, W] (normalized), mask long [H, W] -> (image [3, S, S], mask [S, S],
     valid_box long [4] = (y0, y1, x0, x1)) with S = crop_size. Along a side longer than S
     a random window is cut; along a shorter side the image lands at a random offset
-    inside the crop and the rest is padding (image 0, mask ``ignore_index``).
+    inside the crop and the rest is padding (image ``fill`` per channel, mask ``ignore_index``).
     """
     _, h, w = image.shape
     # Offset of the image inside the (possibly padded) canvas, and of the crop inside the canvas.
     off_y, off_x = _randint(max(crop_size - h, 0)), _randint(max(crop_size - w, 0))
     crop_y, crop_x = _randint(max(h - crop_size, 0)), _randint(max(w - crop_size, 0))
     out_h, out_w = min(h, crop_size), min(w, crop_size)
-    out_image = image.new_zeros((3, crop_size, crop_size))
+    out_image = torch.tensor(list(fill), dtype=image.dtype).view(3, 1, 1).expand(3, crop_size, crop_size).clone()
     out_mask = mask.new_full((crop_size, crop_size), ignore_index)
     out_image[:, off_y:off_y + out_h, off_x:off_x + out_w] = image[:, crop_y:crop_y + out_h, crop_x:crop_x + out_w]
     out_mask[off_y:off_y + out_h, off_x:off_x + out_w] = mask[crop_y:crop_y + out_h, crop_x:crop_x + out_w]
@@ -108,6 +109,7 @@ class TrainTransform:
         std: Sequence[float],
         ignore_index: int = IGNORE_VALUE,
         jitter_strength: Sequence[float] = (0.3, 0.3, 0.3, 0.05),
+        pad_rgb: Sequence[float] = (0.0, 0.0, 0.0),
     ) -> None:
         self.crop_size = int(crop_size)
         self.rescale_range = (float(rescale_range[0]), float(rescale_range[1]))
@@ -116,11 +118,13 @@ class TrainTransform:
         self.jitter = v2.ColorJitter(*jitter_strength) if color_jitter else None
         self.mean, self.std = list(mean), list(std)
         self.ignore_index = ignore_index
+        # the padding colour (RGB 0..255) in the normalized image
+        self.fill = [(v / 255.0 - m) / s for v, m, s in zip(pad_rgb, self.mean, self.std)]
 
     @classmethod
     def from_config(cls, data_cfg: DataConfig) -> TrainTransform:
         return cls(data_cfg.crop_size, data_cfg.rescale_range, data_cfg.hflip, data_cfg.color_jitter,
-                   data_cfg.mean, data_cfg.std, data_cfg.ignore_index, data_cfg.color_jitter_strength)
+                   data_cfg.mean, data_cfg.std, data_cfg.ignore_index, data_cfg.color_jitter_strength, data_cfg.pad_rgb)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None) -> dict[str, Tensor]:
         if mask is None:
@@ -141,7 +145,8 @@ class TrainTransform:
         if self.ignore_index != IGNORE_VALUE:
             target = torch.where(target == IGNORE_VALUE, self.ignore_index, target)
         out_image, out_mask, valid_box = pad_and_crop(
-            normalize(img.as_subclass(Tensor), self.mean, self.std), target, self.crop_size, self.ignore_index)
+            normalize(img.as_subclass(Tensor), self.mean, self.std), target, self.crop_size, self.ignore_index,
+            self.fill)
         return {"image": out_image, "mask": out_mask, "valid_box": valid_box}
 
 

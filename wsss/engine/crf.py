@@ -1,6 +1,6 @@
 """DenseCRF post-processing (Krahenbuhl & Koltun, NIPS 2011) with pydensecrf2.
 
-The AFA test protocol (design notes sec. 6): 10 mean-field iterations, a Gaussian
+The AFA test protocol (docs/method.md sec. 10): 10 mean-field iterations, a Gaussian
 kernel (sxy 3, compat 3) and a bilateral kernel (sxy 64, srgb 5, compat 4) on the
 original image, unary = -log(probability). The numbers live in ``EvalConfig``
 (``eval.crf_*``).

@@ -1,7 +1,7 @@
 """Inference: segmentation and CAM predictions, validation, pseudo labels, checkpoint evaluation.
 
 The library behind ``wsss pseudolabel``, ``wsss eval --checkpoint`` and the validation
-during training (design notes sec. 2, 3 and 6):
+during training (docs/method.md sec. 3, 5, 9 and 10):
 
 - :func:`predict_seg`: seg head logits averaged over the flip, MAX over scales, softmax,
   resized to the original size (the AFA test protocol).
@@ -104,7 +104,7 @@ def predict_seg(
     flip: bool = False,
     out_size: Sequence[int] | None = None,
 ) -> Tensor:
-    """Segmentation probabilities of one image (the AFA test protocol, design notes sec. 6).
+    """Segmentation probabilities of one image (the AFA test protocol, docs/method.md sec. 10).
 
     image [1, 3, h, w] normalized -> probs [C, H0, W0] float32 (H0 x W0 = ``out_size``,
     default h x w). Per scale s the image is resized to (int(s*h), int(s*w)); the image and
@@ -624,7 +624,7 @@ def evaluate_checkpoint(
     data_root: str | Path | None = None,
     overrides: Sequence[str] = (),
 ) -> dict[str, Any] | None:
-    """Score a checkpoint on ``split`` with the test protocol (design notes sec. 6).
+    """Score a checkpoint on ``split`` with the test protocol (docs/method.md sec. 10).
 
     Images are resized so the long side is ``eval.long_side``. target "seg": seg head,
     with ``eval.scales`` + flip when ``msc`` (else one scale, no flip); "cam" / "afa":

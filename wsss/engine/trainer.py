@@ -1,4 +1,4 @@
-"""End-to-end AFA training (Ru et al., CVPR 2022; design notes afa.md sec. 2-5).
+"""End-to-end AFA training (Ru et al., CVPR 2022; docs/method.md sec. 3-7).
 
 One iteration (:func:`train_step`), t = optimizer steps done before it::
 

@@ -197,7 +197,7 @@ def refine_cams_to_label(
     ignore_index: int = 255,
     kernel: Tensor | None = None,
 ) -> Tensor:
-    """The PAR-refined CAM pseudo label (afa.md sec. 2).
+    """The PAR-refined CAM pseudo label (docs/method.md sec. 3).
 
     images01 [B, 3, H, W] de-normalized RGB in [0, 1]; cams [B, K, H, W] from ``multiscale_cam``;
     labels [B, K]; valid_box long [B, 4] or None -> long [B, H, W] with 0 = background,

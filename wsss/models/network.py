@@ -5,7 +5,7 @@
     cams, affinity = net.cam_forward(images, True)  # the ``cam_fn`` of multiscale_cam
     optimizer = torch.optim.AdamW(net.param_groups(cfg.train), betas=cfg.train.betas)
 
-Optimizer parameter groups (AFA sec. 5 of the design notes), always the same five, in
+Optimizer parameter groups (docs/method.md sec. 7), always the same five, in
 this order, each dict with "name", "params", "lr", "lr_mult", "weight_decay" (a scheduler
 sets ``group["lr"] = lr_now * group["lr_mult"]``):
 
