@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_cli_pipeline import NUM_CLASSES, TINY, wsss_here
+from test_cli_pipeline import NUM_CLASSES, TINY
 from wsss.data.demo import build_demo_dataset
 from wsss.data.io import read_label_png
 
@@ -33,9 +33,9 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variant_trains_pseudolabels_and_evaluates_through_the_cli(variant, data, tmp_path, capsys):
+def test_variant_trains_pseudolabels_and_evaluates_through_the_cli(variant, data, tmp_path, wsss_here):
     work = tmp_path / "work"
-    out = wsss_here(capsys, "train", "demo", "--data-root", str(data), "--work-dir", str(work), *TINY, *DECODER,
+    out = wsss_here("train", "demo", "--data-root", str(data), "--work-dir", str(work), *TINY, *DECODER,
                     f"model.mask_decoder.cross_attention={variant}")
     assert out.returncode == 0, out.stderr[-3000:]
     state = torch.load(work / "last.pt", weights_only=False)
@@ -44,14 +44,14 @@ def test_variant_trains_pseudolabels_and_evaluates_through_the_cli(variant, data
     assert any(key.startswith("seg_head.") and "query" in key for key in state["model"]), "no mask-decoder weights"
 
     labels = tmp_path / "labels"
-    out = wsss_here(capsys, "pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train",
+    out = wsss_here("pseudolabel", "--checkpoint", str(work / "last.pt"), "--split", "train",
                     "--method", "afa", "--out", str(labels))
     assert out.returncode == 0, out.stderr[-3000:]
     pngs = sorted(labels.glob("*.png"))
     assert len(pngs) == 8
     assert set(np.unique(read_label_png(pngs[0]))) <= set(range(NUM_CLASSES + 1)) | {255}
 
-    out = wsss_here(capsys, "eval", "--checkpoint", str(work / "last.pt"), "--split", "val",
+    out = wsss_here("eval", "--checkpoint", str(work / "last.pt"), "--split", "val",
                     "--json", str(tmp_path / "val.json"))
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "val.json").read_text())

@@ -769,6 +769,47 @@ def keep_interval_checkpoint(work_dir: Path, iteration: int, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
+def _load_resume_checkpoint(resume: Path, cfg: Config, ctx: du.DistContext) -> dict[str, Any]:
+    """The checkpoint to resume from; warns when the run's config differs from the checkpoint's."""
+    ckpt = load_checkpoint(resume)
+    diffs = _config_differences(ckpt["config"], cfg.to_dict())
+    if diffs and ctx.is_main:
+        logger.warning("resuming '%s' with a config that differs from the checkpoint's: %s", resume, "; ".join(diffs))
+    config_from_dict(ckpt["config"])  # a readable config, or a clear error
+    return ckpt
+
+
+def _restore(ckpt: dict[str, Any], resume: Path, network: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any, scaler: torch.amp.GradScaler | None, ctx: du.DistContext, seed: int,
+             per_epoch: int) -> tuple[int, int, int, float]:
+    """Load the training state of ``ckpt`` -> (iteration, epoch, micro-batches of it consumed, best mIoU)."""
+    try:
+        network.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WsssError(f"cannot resume from '{resume}': it does not fit the network / optimizer built "
+                        f"from this config ({first}); resume with the config it was trained with") from None
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    iteration = int(ckpt["iteration"])
+    epoch, consumed = int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch"])
+    if consumed >= per_epoch:
+        epoch, consumed = epoch + 1, 0
+    best = ckpt.get("best_miou")
+    best_miou = float(best) if best is not None else -math.inf
+    per_rank = ckpt["rng"].get("per_rank") or [ckpt["rng"]]
+    if len(per_rank) == ctx.world_size:
+        restore_rng_state(per_rank[ctx.rank])
+    else:
+        seed_everything(seed + ctx.rank + iteration)
+        if ctx.is_main:
+            logger.warning("checkpoint was written by %d processes, this run has %d: the data order is kept, "
+                           "the random state is re-seeded (not bit-exact)", len(per_rank), ctx.world_size)
+    return iteration, epoch, consumed, best_miou
+
+
 def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None = None) -> dict[str, Any]:
     """Train AFA end to end as configured -> summary dict.
 
@@ -795,13 +836,7 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
         check_precision(cfg, ctx.device)
         resume = resolve_resume(resume, work_dir)
         check_work_dir(work_dir, resume is not None)
-        ckpt = load_checkpoint(resume) if resume is not None else None
-        if ckpt is not None:
-            diffs = _config_differences(ckpt["config"], cfg.to_dict())
-            if diffs and ctx.is_main:
-                logger.warning("resuming '%s' with a config that differs from the checkpoint's: %s", resume,
-                               "; ".join(diffs))
-            config_from_dict(ckpt["config"])  # a readable config, or a clear error
+        ckpt = _load_resume_checkpoint(resume, cfg, ctx) if resume is not None else None
 
         dataset = build_dataset(cfg.data, cfg.data.train_split, train=True)
         val_dataset = None
@@ -830,33 +865,11 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
         scaler = build_scaler(cfg, ctx.device)
         versions = software_versions()
 
-        iteration, epoch, consumed, best_miou = 0, 0, 0, -math.inf
         if ckpt is not None:
-            try:
-                network.load_state_dict(ckpt["model"])
-                optimizer.load_state_dict(ckpt["optimizer"])
-                scheduler.load_state_dict(ckpt["scheduler"])
-            except (RuntimeError, ValueError, KeyError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise WsssError(f"cannot resume from '{resume}': it does not fit the network / optimizer built "
-                                f"from this config ({first}); resume with the config it was trained with") from None
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            iteration = int(ckpt["iteration"])
-            epoch, consumed = int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch"])
-            if consumed >= per_epoch:
-                epoch, consumed = epoch + 1, 0
-            best = ckpt.get("best_miou")
-            best_miou = float(best) if best is not None else -math.inf
-            per_rank = ckpt["rng"].get("per_rank") or [ckpt["rng"]]
-            if len(per_rank) == ctx.world_size:
-                restore_rng_state(per_rank[ctx.rank])
-            else:
-                seed_everything(tc.seed + ctx.rank + iteration)
-                if ctx.is_main:
-                    logger.warning("checkpoint was written by %d processes, this run has %d: the data order is kept, "
-                                   "the random state is re-seeded (not bit-exact)", len(per_rank), ctx.world_size)
+            iteration, epoch, consumed, best_miou = _restore(ckpt, resume, network, optimizer, scheduler, scaler,
+                                                             ctx, tc.seed, per_epoch)
         else:
+            iteration, epoch, consumed, best_miou = 0, 0, 0, -math.inf
             seed_everything(tc.seed + ctx.rank)  # per-rank randomness (drop-path) from here on
 
         if ctx.is_main:
@@ -892,7 +905,7 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
             }
 
         batches = iterate_batches(loader, sampler, epoch, consumed, micro)
-        interval_start, interval_iterations = time.perf_counter(), 0
+        interval_start = time.perf_counter()
         while iteration < tc.iterations and (stop_after is None or iteration < stop_after):
             if find_unused and not _needs_find_unused(cfg, iteration) and ctx.distributed:
                 del model  # the warm-up wrapper's hooks go with it
@@ -907,27 +920,12 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
             for k in LOSS_NAMES:
                 sums[k] += result.losses[k]
             since_log += 1
-            interval_iterations += 1
             logs.advance()
 
             if iteration % log_every == 0 or iteration == tc.iterations:
-                means = torch.stack([sums[k] for k in LOSS_NAMES]) / since_log
-                means = du.all_reduce_mean(means).tolist()  # the one host sync per log interval
-                last_losses = dict(zip(LOSS_NAMES, means))
-                lr = optimizer.param_groups[0]["lr"]
-                logs.scalars({**{f"loss/{k}": v for k, v in last_losses.items()}, "lr": lr}, iteration,
-                             {**{k: f"{v:.4f}" for k, v in last_losses.items()}, "lr": f"{lr:.2e}"})
-                logs.line(f"iter {iteration}/{tc.iterations} epoch {epoch} "
-                          + " ".join(f"{k} {v:.4f}" for k, v in last_losses.items()) + f" lr {lr:.3e}")
-                elapsed = time.perf_counter() - interval_start
-                rate = interval_iterations / max(elapsed, 1e-9)
-                logs.metrics({"iteration": iteration, "kind": "train", "epoch": epoch, "losses": last_losses, "lr": lr,
-                              "seconds": round(time.perf_counter() - started, 3), "iterations_per_s": rate,
-                              "images_per_s": rate * cfg.data.total_batch_size})
-                interval_start, interval_iterations = time.perf_counter(), 0
-                for k in LOSS_NAMES:
-                    sums[k].zero_()
-                since_log = 0
+                seconds = (time.perf_counter() - interval_start, time.perf_counter() - started)
+                last_losses = _log_losses(logs, sums, since_log, optimizer, iteration, epoch, cfg, seconds)
+                since_log, interval_start = 0, time.perf_counter()
 
             if ctx.is_main and tc.image_log_interval > 0 and iteration % tc.image_log_interval == 0:
                 _log_images(logs, network, result.batch, result, cfg, ctx.device, iteration)
@@ -1009,6 +1007,27 @@ def _validate(network: nn.Module, dataset: Dataset, cfg: Config, device: torch.d
     logs.metrics({"iteration": iteration, "kind": name, "num_images": count, "miou": mious,
                   "per_class_iou": per_class})
     return mious
+
+
+def _log_losses(logs: RunLogger, sums: dict[str, Tensor], steps: int, optimizer: torch.optim.Optimizer,
+                iteration: int, epoch: int, cfg: Config, seconds: tuple[float, float]) -> dict[str, float]:
+    """Mean losses of the last ``steps`` iterations over all ranks (the one host sync per log interval) to
+    the bar, train.log, TensorBoard / W&B and metrics.jsonl; the sums are reset -> the means.
+    seconds: (of the interval, since the run started)."""
+    means = du.all_reduce_mean(torch.stack([sums[k] for k in LOSS_NAMES]) / steps).tolist()
+    losses = dict(zip(LOSS_NAMES, means))
+    for k in LOSS_NAMES:
+        sums[k].zero_()
+    lr = optimizer.param_groups[0]["lr"]
+    logs.scalars({**{f"loss/{k}": v for k, v in losses.items()}, "lr": lr}, iteration,
+                 {**{k: f"{v:.4f}" for k, v in losses.items()}, "lr": f"{lr:.2e}"})
+    logs.line(f"iter {iteration}/{cfg.train.iterations} epoch {epoch} "
+              + " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" lr {lr:.3e}")
+    rate = steps / max(seconds[0], 1e-9)
+    logs.metrics({"iteration": iteration, "kind": "train", "epoch": epoch, "losses": losses, "lr": lr,
+                  "seconds": round(seconds[1], 3), "iterations_per_s": rate,
+                  "images_per_s": rate * cfg.data.total_batch_size})
+    return losses
 
 
 def _log_images(logs: RunLogger, network: nn.Module, batch: dict[str, Any], result: StepResult, cfg: Config,
