@@ -57,12 +57,16 @@ def _root(
     """wsss: end-to-end weakly-supervised semantic segmentation (AFA + PAR)."""
 
 
+def _is_override(arg: str) -> bool:
+    """``section.key=value`` (an existing file of that name is not an override)."""
+    return re.match(r"^[A-Za-z_]\w*\.[\w.]+=", arg) is not None and not Path(arg).exists()
+
+
 def _split_overrides(args: Optional[List[str]]) -> tuple[List[str], List[str]]:
-    """Positional arguments -> (inputs, section.key=value overrides); an existing file is always an input."""
+    """Positional arguments -> (inputs, section.key=value overrides)."""
     inputs, overrides = [], []
     for arg in args or []:
-        is_override = re.match(r"^[A-Za-z_]\w*\.[\w.]+=", arg) is not None and not Path(arg).exists()
-        (overrides if is_override else inputs).append(arg)
+        (overrides if _is_override(arg) else inputs).append(arg)
     return inputs, overrides
 
 
@@ -147,7 +151,7 @@ def train(
     """Train AFA end to end: CAM, PAR pseudo labels, affinity, random walk, segmentation."""
     from wsss.engine.trainer import train as run_training
 
-    if config is not None and "=" in config:  # only overrides were given: they are not a config name
+    if config is not None and _is_override(config):  # only overrides were given: they are not a config name
         overrides, config = [config, *(overrides or [])], None
     if config is None:
         if resume is None:

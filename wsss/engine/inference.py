@@ -145,13 +145,19 @@ def _cam_probs(
     out_size: Sequence[int] | None,
     mean: Sequence[float],
     std: Sequence[float],
+    affinity_scale: float | None = None,
 ) -> dict[str, Tensor]:
-    """One multi-scale CAM pass, several outputs: method -> probs [C, H0, W0]."""
+    """One multi-scale CAM pass, several outputs: method -> probs [C, H0, W0].
+
+    Methods: those of :func:`predict_cam_probs`, and "rw" (validation's AFA row: the random walk with
+    background score ``afa.bg_threshold_eval``, no PAR). ``affinity_scale``: the CAM scale whose affinity the
+    random walk uses (default: ``afa.affinity_scale`` with msc, else 1).
+    """
     from wsss.method.affinity import propagate_cams
     from wsss.method.cam import cams_with_background, multiscale_cam, scaled_par_kernel
     from wsss.method.par import apply_par_kernel
 
-    unknown = [m for m in methods if m not in CAM_METHODS]
+    unknown = [m for m in methods if m not in (*CAM_METHODS, "rw")]
     if unknown:
         raise WsssError(f"CAM method must be one of {', '.join(CAM_METHODS)}; got '{unknown[0]}'")
     if image.dim() != 4 or image.shape[0] != 1:
@@ -161,7 +167,10 @@ def _cam_probs(
     size = image.shape[-2:]
     out_size = tuple(out_size or size)
     scales = list(cam_cfg.scales) if msc else [1.0]
-    affinity_scale = (afa_cfg.affinity_scale if msc else 1.0) if "afa" in methods else None
+    if "afa" not in methods and "rw" not in methods:
+        affinity_scale = None
+    elif affinity_scale is None:
+        affinity_scale = afa_cfg.affinity_scale if msc else 1.0
     grid: dict[str, tuple[int, int]] = {}
 
     def cam_fn(x: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
@@ -180,6 +189,11 @@ def _cam_probs(
             # scores, not a softmax: the argmax is exactly cam_to_label's (bg wins ties)
             scores = torch.cat([torch.full_like(cams[:, :1], threshold), cams], dim=1)
             out["cam"] = _normalize_probs(_resize(scores, out_size))[0]
+        if affinity is None and affinity_scale is not None:
+            raise WsssError("the network returned no affinity; method 'afa' needs the AFA affinity head")
+        if "rw" in methods:
+            rw = propagate_cams(cams, label, affinity, afa_cfg.bg_threshold_eval, afa_cfg, grid_size=grid["size"])
+            out["rw"] = _normalize_probs(_resize(rw, out_size))[0]
         if "par" in methods or "afa" in methods:
             kernel = scaled_par_kernel(denormalize(image.float(), mean, std), par_cfg)  # once for par and afa
             par_size = kernel.shape[-2:]
@@ -188,8 +202,6 @@ def _cam_probs(
                 refined = apply_par_kernel(probs, kernel, par_cfg.dilations, par_cfg.iterations)
                 out["par"] = _normalize_probs(_resize(refined, out_size))[0]
             if "afa" in methods:
-                if affinity is None:
-                    raise WsssError("the network returned no affinity; method 'afa' needs the AFA affinity head")
                 rw = propagate_cams(cams, label, affinity, threshold, afa_cfg, grid_size=grid["size"])
                 refined = apply_par_kernel(_resize(rw, par_size), kernel, par_cfg.dilations, par_cfg.iterations)
                 out["afa"] = _normalize_probs(_resize(refined, out_size))[0]
@@ -430,33 +442,13 @@ def validation_subset(size: int, limit: int) -> list[int]:
 def _validation_maps(net: nn.Module, image: Tensor, label: Tensor, out_size: Sequence[int],
                      cfg: Config) -> dict[str, Tensor]:
     """The label maps [H0, W0] that :func:`validate` scores, for one image [1, 3, h, w] at its own size."""
-    from wsss.method.affinity import propagate_cams
-    from wsss.method.cam import cams_with_background, multiscale_cam, scaled_par_kernel
-    from wsss.method.par import apply_par_kernel
-
-    label = label.reshape(1, -1).float()
-    grid: dict[str, tuple[int, int]] = {}
-
-    def cam_fn(x: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
-        cams, affinity = net.cam_forward(x, with_affinity=with_affinity)
-        if with_affinity:
-            grid["size"] = tuple(cams.shape[-2:])
-        return cams.float(), None if affinity is None else affinity.float()
-
     seg = predict_seg(net, image, [1.0], flip=False, out_size=out_size)
-    # multi-scale + flip CAMs; the affinity of the scale-1 pass, which in eval mode is the plain forward pass
-    cams, affinity = multiscale_cam(cam_fn, image, label, cfg.cam.scales, cfg.cam.flip, affinity_scale=1.0)
-    with torch.autocast(image.device.type, enabled=False):
-        out = {"seg": seg.max(dim=0).indices}  # = argmax(dim=0), faster on CPU
-        scores = torch.cat([torch.full_like(cams[:, :1], cfg.cam.bg_threshold_eval), cams], dim=1)
-        out["cam"] = _resize(scores, out_size)[0].max(dim=0).indices  # bg wins ties: cam_to_label's rule
-        rw = propagate_cams(cams, label, affinity, cfg.afa.bg_threshold_eval, cfg.afa, grid_size=grid["size"])
-        out["afa"] = _resize(rw, out_size)[0].max(dim=0).indices
-        kernel = scaled_par_kernel(denormalize(image.float(), cfg.data.mean, cfg.data.std), cfg.par)
-        probs = cams_with_background(_resize(cams, kernel.shape[-2:]), label, [cfg.cam.bg_threshold_eval])[:, 0]
-        refined = apply_par_kernel(probs, kernel, cfg.par.dilations, cfg.par.iterations)
-        out["par"] = _resize(refined, out_size)[0].max(dim=0).indices
-    return out
+    # one multi-scale + flip CAM pass; the affinity of its scale-1 pass, which in eval mode is the plain forward
+    probs = _cam_probs(net, image, label, ("cam", "par", "rw"), cfg.cam, cfg.par, cfg.afa, True, out_size,
+                       cfg.data.mean, cfg.data.std, affinity_scale=1.0)
+    # max(...).indices = argmax(dim=0), faster on CPU
+    return {"seg": seg.max(dim=0).indices, "cam": probs["cam"].max(dim=0).indices,
+            "afa": probs["rw"].max(dim=0).indices, "par": probs["par"].max(dim=0).indices}
 
 
 def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device | str,

@@ -203,8 +203,9 @@ def format_table(result: dict[str, Any], class_names: Sequence[str] | None = Non
     return "\n".join(lines)
 
 
-def to_json(result: Any) -> str:
-    """``result`` as JSON text, non-finite floats (the IoU of an absent class) written as null."""
+def to_json(result: Any, indent: int | None = 2) -> str:
+    """``result`` as JSON text, non-finite floats (the IoU of an absent class) written as null
+    (``indent`` None: one line)."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, float):
@@ -215,7 +216,7 @@ def to_json(result: Any) -> str:
             return [clean(item) for item in value]
         return value
 
-    return json.dumps(clean(result), indent=2, allow_nan=False)
+    return json.dumps(clean(result), indent=indent, allow_nan=False)
 
 
 __all__ = ["ConfusionMatrix", "format_table", "to_json"]

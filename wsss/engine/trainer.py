@@ -598,10 +598,11 @@ class RunLogger:
 
     def metrics(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl (NaN written as null: strict JSON)."""
+        from wsss.engine.metrics import to_json
+
         if not self.enabled:
             return
-        clean = json.loads(json.dumps(record, default=float).replace("NaN", "null"))
-        self.metrics_file.write(json.dumps(clean) + "\n")
+        self.metrics_file.write(to_json(record, indent=None) + "\n")
         self.metrics_file.flush()
 
     def line(self, text: str) -> None:
