@@ -58,7 +58,7 @@ def par_straightforward(images: torch.Tensor, masks: torch.Tensor, cfg: ParConfi
 
 def par_ours(images: torch.Tensor, masks: torch.Tensor, cfg: ParConfig) -> torch.Tensor:
     kernel = par_kernel(images, cfg.dilations, cfg.w1, cfg.w2)
-    return apply_par_kernel(masks, kernel, cfg.dilations, cfg.iterations)
+    return apply_par_kernel(masks, kernel, cfg.iterations)
 
 
 def _time_pair(fn_a, fn_b, device: torch.device, repeats: int):

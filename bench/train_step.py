@@ -39,38 +39,32 @@ def reference_step(network, batch, cfg, optimizer, scheduler, device, timer) -> 
     import torch
 
     from wsss.data.transforms import denormalize
-    from wsss.method.affinity import affinity_labels, label_to_grid, propagate_cams
-    from wsss.method.cam import multiscale_cam, refine_cams_to_label, refine_probs_to_label
+    from wsss.engine.runtime import pseudo_label_params
+    from wsss.method.affinity import affinity_labels, label_to_grid
     from wsss.method.losses import affinity_loss, balanced_seg_loss, classification_loss
+    from wsss.method.pseudo_labels import cam_maps, pseudo_labels
 
     images, labels, box = (batch[k].to(device) for k in ("image", "label", "valid_box"))
-    ignore = cfg.data.ignore_index
+    params = pseudo_label_params(cfg)
     with timer.phase("forward"):
         out = network(images)
-    grid = {}
 
-    def full_forward(x, with_affinity):
+    def full_forward(x, with_affinity):  # the whole network at every scale, as the published loop
         o = network(x, with_seg=True, with_affinity=True)
-        grid["affinity"] = tuple(o.cams.shape[-2:])
         return o.cams, o.affinity
 
     with torch.no_grad():
         with timer.phase("multiscale_cam"):
-            cams, affinity = multiscale_cam(full_forward, images, labels, cfg.cam.scales, cfg.cam.flip,
-                                            cfg.afa.affinity_scale)
+            maps = cam_maps(full_forward, images, labels, params, cfg.afa.affinity_scale)  # all K classes
         images01 = denormalize(images, cfg.data.mean, cfg.data.std)
-        with timer.phase("pseudo_label_par"):
-            label = refine_cams_to_label(images01, cams, labels, cfg.cam, cfg.par, box, ignore)
+        labels_out = pseudo_labels(images01, maps, params, box, with_afa=True, phase=timer.phase)
         with timer.phase("affinity_random_walk"):
-            aff_target = affinity_labels(label_to_grid(label, out.cams.shape[-2:]), cfg.afa.radius, ignore)
-            probs = propagate_cams(cams, labels, affinity, (cfg.cam.bg_threshold_high, cfg.cam.bg_threshold_low),
-                                   cfg.afa, grid_size=grid["affinity"])
-        with timer.phase("pseudo_label_par"):
-            afa_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, box, ignore)
+            grid = label_to_grid(labels_out.label, out.cams.shape[-2:])
+            aff_target = affinity_labels(grid, cfg.afa.radius, cfg.data.ignore_index)
     with timer.phase("losses"):
         tc = cfg.train
         loss = (tc.cls_loss_weight * classification_loss(out.cls_logits, labels)
-                + tc.seg_loss_weight * balanced_seg_loss(out.seg_logits, afa_label, ignore)
+                + tc.seg_loss_weight * balanced_seg_loss(out.seg_logits, labels_out.afa_label, cfg.data.ignore_index)
                 + tc.aff_loss_weight * affinity_loss(out.affinity, aff_target))
     with timer.phase("backward"):
         loss.backward()

@@ -9,9 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.config import AfaConfig, CamConfig, ParConfig
+from wsss.config import AfaConfig, CamConfig, Config
 from wsss.engine.inference import predict_cam_probs, predict_seg
-from wsss.method.cam import cam_to_label, multiscale_cam
+from wsss.method.cam import cam_scores, multiscale_cam
+
+
+def cam_to_label(cams, labels, bg_threshold):
+    return cam_scores(cams, labels, bg_threshold).argmax(dim=1)
 
 C = 3  # background + 2 classes
 K = C - 1
@@ -120,9 +124,9 @@ def test_cam_probs_argmax_is_the_thresholded_cam_label(msc):
     net, image = StubNet(), two_region_image()
     label = torch.tensor([1.0, 1.0])
     cam_cfg = CamConfig()
-    probs = predict_cam_probs(net, image, label, cam_cfg, ParConfig(), AfaConfig(), "cam", msc=msc)
+    probs = predict_cam_probs(net, image, label, Config(cam=cam_cfg), "cam", msc=msc)
     scales = cam_cfg.scales if msc else [1.0]
-    cams, _ = multiscale_cam(net.cam_forward, image, label[None], scales, flip=msc)
+    cams, _, _ = multiscale_cam(net.cam_forward, image, label[None], scales, flip=msc)
     expected = cam_to_label(cams, label[None], cam_cfg.bg_threshold_eval)[0]
     assert torch.equal(probs.argmax(0), expected)
     torch.testing.assert_close(probs.sum(0), torch.ones(image.shape[-2:]))
@@ -132,8 +136,7 @@ def test_cam_probs_argmax_is_the_thresholded_cam_label(msc):
 def test_cam_probs_give_absent_classes_zero_probability(method):
     net, image = StubNet(), two_region_image()
     label = torch.tensor([1.0, 0.0])  # class 2 absent
-    probs = predict_cam_probs(net, image, label, CamConfig(), ParConfig(), AfaConfig(), method, msc=True,
-                              out_size=(40, 60))
+    probs = predict_cam_probs(net, image, label, Config(), method, msc=True, out_size=(40, 60))
     assert probs.shape == (C, 40, 60)
     assert probs[2].abs().max() == 0
     torch.testing.assert_close(probs.sum(0), torch.ones(40, 60))
@@ -143,7 +146,7 @@ def test_cam_probs_give_absent_classes_zero_probability(method):
 def test_afa_probs_use_the_affinity_of_the_affinity_scale_pass():
     net = StubNet()
     cam_cfg, afa_cfg = CamConfig(scales=[1.0, 0.5, 1.5]), AfaConfig(affinity_scale=1.5)
-    predict_cam_probs(net, two_region_image(), torch.tensor([1.0, 1.0]), cam_cfg, ParConfig(), afa_cfg, "afa")
+    predict_cam_probs(net, two_region_image(), torch.tensor([1.0, 1.0]), Config(cam=cam_cfg, afa=afa_cfg), "afa")
     assert [kind for kind, _ in net.calls] == ["cam", "cam", "cam"]  # CAM path only, one call per scale
     assert all(n == 2 for _, n in net.calls)  # image + flip batched
 
@@ -151,14 +154,14 @@ def test_afa_probs_use_the_affinity_of_the_affinity_scale_pass():
 def test_par_and_afa_follow_the_two_regions():
     net, image = StubNet(), two_region_image(32, 48)
     label = torch.tensor([1.0, 1.0])
-    cams, _ = multiscale_cam(net.cam_forward, image, label[None], [1.0], flip=False)
+    cams, _, _ = multiscale_cam(net.cam_forward, image, label[None], [1.0], flip=False)
     cam_label = cam_to_label(cams, label[None], CamConfig().bg_threshold_eval)[0]
     assert (cam_label[:, :20] == 1).all() and (cam_label[:, -20:] == 2).all()
     for method in ("par", "afa"):
-        pred = predict_cam_probs(net, image, label, CamConfig(), ParConfig(), AfaConfig(), method).argmax(0)
+        pred = predict_cam_probs(net, image, label, Config(), method).argmax(0)
         assert (pred == cam_label).float().mean() > 0.8, method
 
 
 def test_unknown_cam_method_is_a_clear_error():
     with pytest.raises(Exception, match="must be one of cam, par, afa"):
-        predict_cam_probs(StubNet(), two_region_image(), torch.ones(K), CamConfig(), ParConfig(), AfaConfig(), "irn")
+        predict_cam_probs(StubNet(), two_region_image(), torch.ones(K), Config(), "irn")

@@ -108,7 +108,7 @@ def test_propagate_cams_prepends_background_softmaxes_present_classes_and_walks(
     cams = torch.rand(2, 3, 8, 10)  # at twice the grid size: resized inside
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     affinity = torch.rand(2, 20, 20)
-    out = propagate_cams(cams, labels, affinity, 0.35, cfg, grid_size=(4, 5))
+    out = propagate_cams(cams, labels, affinity, 0.35, cfg.radius, cfg.rw_power, cfg.rw_eps, grid_size=(4, 5))
     assert out.shape == (2, 4, 4, 5)
     assert out[0, 2].eq(0).all() and out[1, 1].eq(0).all() and out[1, 3].eq(0).all()  # absent: exactly 0
     small = torch.nn.functional.interpolate(cams, size=(4, 5), mode="bilinear", align_corners=False)
@@ -119,10 +119,11 @@ def test_propagate_cams_prepends_background_softmaxes_present_classes_and_walks(
 def test_propagate_cams_for_both_thresholds_shares_the_transition_matrix():
     torch.manual_seed(3)
     cfg = AfaConfig()
+    walk = (cfg.radius, cfg.rw_power, cfg.rw_eps)
     cams = torch.rand(1, 2, 4, 4)
     labels = torch.ones(1, 2)
     affinity = torch.rand(1, 16, 16)
-    both = propagate_cams(cams, labels, affinity, (0.55, 0.35), cfg)
+    both = propagate_cams(cams, labels, affinity, (0.55, 0.35), *walk)
     assert both.shape == (1, 2, 3, 4, 4)
-    torch.testing.assert_close(both[:, 0], propagate_cams(cams, labels, affinity, 0.55, cfg))
-    torch.testing.assert_close(both[:, 1], propagate_cams(cams, labels, affinity, 0.35, cfg))
+    torch.testing.assert_close(both[:, 0], propagate_cams(cams, labels, affinity, 0.55, *walk))
+    torch.testing.assert_close(both[:, 1], propagate_cams(cams, labels, affinity, 0.35, *walk))

@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss.config import CamConfig, ParConfig
+from dataclasses import replace
+
+from wsss.config import Config
+from wsss.engine.runtime import pseudo_label_params
 from wsss.method.cam import (
-    cam_to_label,
+    cam_scores,
     cams_with_background,
     combine_high_low,
     ignore_outside_box,
@@ -20,6 +23,14 @@ from wsss.method.cam import (
 
 IGNORE = 255
 K = 3
+PARAMS = pseudo_label_params(Config())  # the paper's defaults as plain values
+PAR = PARAMS.par
+THRESHOLDS = (PARAMS.bg_high, PARAMS.bg_low)
+
+
+def cam_to_label(cams, labels, bg_threshold):
+    """The evaluation CAM label: the argmax of ``cam_scores``."""
+    return cam_scores(cams, labels, bg_threshold).argmax(dim=1)
 
 
 def conv_cam_fn(seed: int = 0, k: int = K):
@@ -48,15 +59,15 @@ def test_flip_fused_cam_of_flipped_image_is_flipped_cam():
     cam_fn, _ = conv_cam_fn()
     img = asymmetric_image()
     labels = torch.ones(1, K)
-    cams, _ = multiscale_cam(cam_fn, img, labels, scales=[1.0, 0.5, 1.5])
-    cams_of_flipped, _ = multiscale_cam(cam_fn, img.flip(-1), labels, scales=[1.0, 0.5, 1.5])
+    cams, _, _ = multiscale_cam(cam_fn, img, labels, scales=[1.0, 0.5, 1.5])
+    cams_of_flipped, _, _ = multiscale_cam(cam_fn, img.flip(-1), labels, scales=[1.0, 0.5, 1.5])
     torch.testing.assert_close(cams_of_flipped, cams.flip(-1), atol=1e-5, rtol=0)
 
 
 def test_multiscale_cam_runs_image_and_flip_in_one_call_and_asks_affinity_only_at_its_scale():
     cam_fn, calls = conv_cam_fn()
     img = asymmetric_image(b=2, h=16, w=20)
-    cams, aff = multiscale_cam(cam_fn, img, torch.ones(2, K), scales=[1.0, 0.5, 1.5], affinity_scale=1.5)
+    cams, aff, _ = multiscale_cam(cam_fn, img, torch.ones(2, K), scales=[1.0, 0.5, 1.5], affinity_scale=1.5)
     assert calls == [((4, 3, 16, 20), False), ((4, 3, 8, 10), False), ((4, 3, 24, 30), True)]
     assert cams.shape == (2, K, 16, 20) and not cams.requires_grad
     # non-flipped half of the affinity-scale pass: images 0 and 1 of the batch of 4
@@ -76,7 +87,7 @@ def test_multiscale_cam_is_max_of_cam_and_unflipped_flip_cam_summed_over_scales(
         expected = expected + torch.maximum(c[:1], c[1:].flip(-1)).relu()
     expected = expected - expected.amin(dim=(2, 3), keepdim=True)
     expected = expected / (expected.amax(dim=(2, 3), keepdim=True) + 1e-5)
-    cams, aff = multiscale_cam(cam_fn, img, labels, scales=[1.0, 0.5])
+    cams, aff, _ = multiscale_cam(cam_fn, img, labels, scales=[1.0, 0.5])
     assert aff is None
     torch.testing.assert_close(cams, expected)
 
@@ -85,7 +96,7 @@ def test_multiscale_cam_normalizes_present_classes_to_max_one_and_zeroes_absent(
     cam_fn, _ = conv_cam_fn()
     img = asymmetric_image(b=2)
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    cams, _ = multiscale_cam(cam_fn, img, labels, scales=[1.0, 0.5])
+    cams, _, _ = multiscale_cam(cam_fn, img, labels, scales=[1.0, 0.5])
     peaks = cams.amax(dim=(2, 3))
     torch.testing.assert_close(peaks * labels, labels, atol=1e-4, rtol=0)
     assert cams[labels == 0].eq(0).all()
@@ -158,7 +169,7 @@ def crafted_cams(h=16, w=16):
 
 def test_refine_cams_to_label_high_low_rule_on_crafted_cams():
     images, cams, labels = crafted_cams()
-    label = refine_cams_to_label(images, cams, labels, CamConfig(), ParConfig(), ignore_index=IGNORE)
+    label = refine_cams_to_label(images, cams, labels, THRESHOLDS, PAR, ignore_index=IGNORE)
     assert label.shape == (1, 16, 16) and label.dtype == torch.long
     assert label[0, :, :4].eq(1).all()  # foreground only above the high threshold
     assert label[0, :, 4:8].eq(IGNORE).all()  # between the thresholds: ignored
@@ -169,7 +180,7 @@ def test_refine_cams_to_label_high_low_rule_on_crafted_cams():
 def test_refine_cams_to_label_ignores_outside_the_valid_box():
     images, cams, labels = crafted_cams()
     box = torch.tensor([[2, 14, 0, 12]])
-    label = refine_cams_to_label(images, cams, labels, CamConfig(), ParConfig(), valid_box=box, ignore_index=IGNORE)
+    label = refine_cams_to_label(images, cams, labels, THRESHOLDS, PAR, valid_box=box, ignore_index=IGNORE)
     assert label[0, :2].eq(IGNORE).all() and label[0, 14:].eq(IGNORE).all() and label[0, :, 12:].eq(IGNORE).all()
     assert label[0, 2:14, :4].eq(1).all() and label[0, 2:14, 8:12].eq(0).all()
 
@@ -179,11 +190,10 @@ def test_refine_cams_to_label_without_par_iterations_is_the_plain_threshold_rule
     torch.manual_seed(0)
     cams = torch.rand(2, 3, 8, 8)
     labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    par = ParConfig(iterations=0, scale=1.0)
-    cfg = CamConfig()
-    label = refine_cams_to_label(torch.rand(2, 3, 8, 8), cams, labels, cfg, par, ignore_index=IGNORE)
-    high = cam_to_label(cams, labels, cfg.bg_threshold_high)
-    low = cam_to_label(cams, labels, cfg.bg_threshold_low)
+    par = replace(PAR, iterations=0, scale=1.0)
+    label = refine_cams_to_label(torch.rand(2, 3, 8, 8), cams, labels, THRESHOLDS, par, ignore_index=IGNORE)
+    high = cam_to_label(cams, labels, PARAMS.bg_high)
+    low = cam_to_label(cams, labels, PARAMS.bg_low)
     assert torch.equal(label, combine_high_low(high, low, IGNORE))
 
 
@@ -198,7 +208,7 @@ def test_refine_probs_to_label_upsamples_grid_probabilities_and_applies_the_rule
     probs_low[0, 1, :, 2:], probs_low[0, 0, :, 2:] = 0.6, 0.4
     images = band_image(16, 16, (8,))
     box = torch.tensor([[0, 16, 0, 14]])
-    label = refine_probs_to_label(images, probs_high, probs_low, ParConfig(), valid_box=box, ignore_index=IGNORE)
+    label = refine_probs_to_label(images, probs_high, probs_low, PAR, valid_box=box, ignore_index=IGNORE)
     assert label.shape == (1, 16, 16)
     assert label[0, :, :8].eq(1).all()
     assert label[0, :, 8:14].eq(IGNORE).all()  # high says bg, low says fg -> ignored
@@ -210,11 +220,12 @@ def test_a_shared_par_kernel_gives_the_labels_of_separate_calls():
     images, cams = torch.rand(2, 3, 32, 24), torch.rand(2, K, 32, 24)
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     probs = torch.rand(2, 2, K + 1, 6, 4).softmax(dim=2)
-    par = ParConfig()
+    par = PAR
     kernel = scaled_par_kernel(images, par)
-    assert kernel.shape == (2, 8 * len(par.dilations), 16, 12)  # at par.scale = 0.5
-    separate = refine_cams_to_label(images, cams, labels, CamConfig(), par, ignore_index=IGNORE)
-    shared = refine_cams_to_label(images, cams, labels, CamConfig(), par, ignore_index=IGNORE, kernel=kernel)
+    assert kernel.weights.shape == (2, 8 * len(par.dilations), 16, 12)  # at par.scale = 0.5
+    assert kernel.dilations == par.dilations
+    separate = refine_cams_to_label(images, cams, labels, THRESHOLDS, par, ignore_index=IGNORE)
+    shared = refine_cams_to_label(images, cams, labels, THRESHOLDS, par, ignore_index=IGNORE, kernel=kernel)
     assert torch.equal(shared, separate) and shared.ne(IGNORE).any()
     separate = refine_probs_to_label(images, probs[:, 0], probs[:, 1], par, ignore_index=IGNORE)
     shared = refine_probs_to_label(images, probs[:, 0], probs[:, 1], par, ignore_index=IGNORE, kernel=kernel)
@@ -230,7 +241,7 @@ def test_afa_branch_labels_inside_the_valid_box_do_not_depend_on_the_padding():
     image = torch.rand(1, 3, h, w)
     probs_high = torch.rand(1, c, h, w).softmax(dim=1)
     probs_low = torch.rand(1, c, h, w).softmax(dim=1)
-    unpadded = refine_probs_to_label(image, probs_high, probs_low, ParConfig(), ignore_index=IGNORE)
+    unpadded = refine_probs_to_label(image, probs_high, probs_low, PAR, ignore_index=IGNORE)
     assert unpadded.ne(IGNORE).any()
     y0, x0, size = 5, 3, (32, 32)
     box = torch.tensor([[y0, y0 + h, x0, x0 + w]])
@@ -241,7 +252,7 @@ def test_afa_branch_labels_inside_the_valid_box_do_not_depend_on_the_padding():
             out[:, :, y0 : y0 + h, x0 : x0 + w] = x
             return out
 
-        label = refine_probs_to_label(pad(image), pad(probs_high), pad(probs_low), ParConfig(), valid_box=box,
+        label = refine_probs_to_label(pad(image), pad(probs_high), pad(probs_low), PAR, valid_box=box,
                                       ignore_index=IGNORE)
         assert torch.equal(label[:, y0 : y0 + h, x0 : x0 + w], unpadded)
         assert label.eq(IGNORE).sum() >= size[0] * size[1] - h * w  # everything outside the box is ignored
@@ -259,13 +270,13 @@ def test_afa_branch_par_resizes_the_probabilities_with_aligned_corners():
     torch.manual_seed(1)
     image = torch.rand(1, 3, 20, 26)
     probs = torch.rand(1, 2 * (K + 1), 20, 26).softmax(dim=1)
-    par = ParConfig()
+    par = PAR
     label = refine_probs_to_label(image, probs[:, : K + 1], probs[:, K + 1 :], par, ignore_index=IGNORE)
     kernel = scaled_par_kernel(image, par)
 
     def by_hand(align_corners: bool) -> torch.Tensor:
-        masks = F.interpolate(probs, size=kernel.shape[-2:], mode="bilinear", align_corners=align_corners)
-        refined = apply_par_kernel(masks, kernel, par.dilations, par.iterations)
+        masks = F.interpolate(probs, size=kernel.size, mode="bilinear", align_corners=align_corners)
+        refined = apply_par_kernel(masks, kernel, par.iterations)
         refined = F.interpolate(refined, size=(20, 26), mode="bilinear", align_corners=False)
         high, low = refined.view(2, K + 1, 20, 26).argmax(dim=1)
         return combine_high_low(high, low, IGNORE)[None]

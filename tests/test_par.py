@@ -9,16 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from wsss.config import ParConfig
+from wsss.method.cam import refine_probs
 from wsss.method.par import (
     apply_par_kernel,
     neighbour_distances,
     neighbour_offsets,
     par_kernel,
     position_kernel,
-    refine_with_par,
 )
 
 CFG = ParConfig()  # dilations 1..24, w1 0.3, w2 0.01, 10 iterations
+
+
+def refine_with_par(images, masks, cfg):
+    """PAR at the images' resolution through the production path (masks resized to the kernel's size)."""
+    return refine_probs(masks, par_kernel(images, cfg.dilations, cfg.w1, cfg.w2), cfg.iterations)
 
 
 def plain_par(images, masks, dilations, w1, w2, iterations):
@@ -64,8 +69,8 @@ def test_par_matches_plain_formula_on_small_image_with_dilations_larger_than_ima
 def test_par_kernel_rows_sum_to_one_plus_w2():
     torch.manual_seed(1)
     kernel = par_kernel(torch.rand(2, 3, 12, 9), CFG.dilations, CFG.w1, CFG.w2)
-    assert kernel.shape == (2, 48, 12, 9)
-    torch.testing.assert_close(kernel.sum(dim=1), torch.full((2, 12, 9), 1 + CFG.w2))
+    assert kernel.weights.shape == (2, 48, 12, 9)
+    torch.testing.assert_close(kernel.weights.sum(dim=1), torch.full((2, 12, 9), 1 + CFG.w2))
 
 
 def test_position_kernel_is_a_w2_scaled_distribution_favouring_near_neighbours():
@@ -113,9 +118,9 @@ def test_one_kernel_serves_every_mask_set_of_an_image():
     a = torch.randn(2, 3, 10, 12).softmax(dim=1)
     b = torch.randn(2, 3, 10, 12).softmax(dim=1)
     kernel = par_kernel(images, CFG.dilations, CFG.w1, CFG.w2)
-    both = apply_par_kernel(torch.cat([a, b], dim=1), kernel, CFG.dilations, CFG.iterations)
-    torch.testing.assert_close(both[:, :3], apply_par_kernel(a, kernel, CFG.dilations, CFG.iterations))
-    torch.testing.assert_close(both[:, 3:], apply_par_kernel(b, kernel, CFG.dilations, CFG.iterations))
+    both = apply_par_kernel(torch.cat([a, b], dim=1), kernel, CFG.iterations)
+    torch.testing.assert_close(both[:, :3], apply_par_kernel(a, kernel, CFG.iterations))
+    torch.testing.assert_close(both[:, 3:], apply_par_kernel(b, kernel, CFG.iterations))
 
 
 def test_refine_with_par_resizes_masks_to_the_image_and_computes_in_float32():
@@ -129,7 +134,8 @@ def test_refine_with_par_resizes_masks_to_the_image_and_computes_in_float32():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
-def test_apply_par_kernel_rejects_a_kernel_of_other_dilations():
+def test_a_par_kernel_carries_its_dilations_and_rejects_masks_of_another_size():
     kernel = par_kernel(torch.rand(1, 3, 8, 8), [1, 2], CFG.w1, CFG.w2)
-    with pytest.raises(ValueError, match="dilations"):
-        apply_par_kernel(torch.rand(1, 2, 8, 8), kernel, CFG.dilations, 1)
+    assert kernel.dilations == (1, 2) and kernel.weights.shape == (1, 16, 8, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_par_kernel(torch.rand(1, 2, 8, 9), kernel, 1)

@@ -157,7 +157,7 @@ def test_reduced_precision_step_runs_on_cpu(precision):
     cfg = tiny_config(f"train.precision={precision}")
     network, optimizer, scheduler = build(cfg)
     scaler = build_scaler(cfg, torch.device("cpu"))
-    assert (scaler is not None) == (precision == "fp16")
+    assert scaler is None  # bf16 needs none; fp16 runs as fp32 on the CPU (wsss.engine.runtime.autocast_dtype)
     result = train_step(network, tiny_batch(), 4, cfg, optimizer, scheduler, scaler, torch.device("cpu"))
     assert all(math.isfinite(float(v)) for v in result.losses.values())
     assert result.pseudo.label.dtype == torch.long and result.pseudo.cams.dtype == torch.float32

@@ -343,23 +343,23 @@ class Segmenter:
 
     def _probs(self, item: dict[str, Any], target: str, msc: bool, seg_flip: bool, cam_cfg: Any) -> Tensor:
         """One prepared item -> probs [C, H0, W0] float32 on the device (``item["labels"]`` set for cam / afa)."""
-        from wsss.engine.inference import autocast_context, predict_cam_probs, predict_seg
+        from wsss.engine.inference import predict_cam_probs, predict_seg
+        from wsss.engine.runtime import autocast
 
         cfg = self._config
         x = item["image"][None].to(self._device)
         out_size = tuple(item["raw"].shape[:2])
-        with torch.inference_mode(), autocast_context(self._device, cfg.train.precision):
+        with torch.inference_mode(), autocast(self._device, cfg.train.precision):
             if target == "seg":
                 scales = cfg.eval.scales if msc else [1.0]
                 return predict_seg(self.network, x, scales, flip=seg_flip, out_size=out_size)
             labels = self._image_labels(x)
             item["classes"] = [int(k) + 1 for k in torch.nonzero(labels).flatten().tolist()]
-            return predict_cam_probs(self.network, x, labels, cam_cfg, cfg.par, cfg.afa, target, msc, out_size,
-                                     cfg.data.mean, cfg.data.std)
+            return predict_cam_probs(self.network, x, labels, replace(cfg, cam=cam_cfg), target, msc, out_size)
 
     def _prediction(self, item: dict[str, Any], images: Sequence[ImageInput], probs: Tensor | np.ndarray,
                     with_probs: bool) -> Prediction:
-        from wsss.engine.inference import _to_label
+        from wsss.engine.runner import to_label
 
         index = item["index"]
         name = describe(images[index], index)
@@ -368,7 +368,7 @@ class Segmenter:
         array = None
         if with_probs:
             array = probs.float().cpu().numpy() if isinstance(probs, Tensor) else np.asarray(probs, np.float32)
-        return Prediction(index, name, label=_to_label(probs), probs=array, image=item["raw"],
+        return Prediction(index, name, label=to_label(probs), probs=array, image=item["raw"],
                           classes=item.get("classes"))
 
 

@@ -60,6 +60,7 @@ from wsss.data.coco import COCO_CLASSES
 from wsss.data.io import IGNORE_VALUE, image_size, read_image, read_label_png
 from wsss.data.transforms import EvalTransform, TrainTransform
 from wsss.errors import DatasetError
+from wsss.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -238,9 +239,7 @@ class SegmentationDataset(Dataset):
         for path in candidates:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-                np.save(tmp, labels)
-                os.replace(tmp, path)
+                atomic_write(path, lambda tmp: np.save(tmp, labels))
                 break
             except OSError:
                 continue
@@ -383,9 +382,7 @@ def voc_train_aug_names(root: str | Path) -> list[str]:
     names = sorted((set(_index_dir(aug_dir, (MASK_EXTENSION,))) | set(train)) - val)
     path = sets_dir / "train_aug.txt"
     try:
-        tmp = sets_dir / f".train_aug.txt.tmp{os.getpid()}"
-        tmp.write_text("".join(f"{n}\n" for n in names))
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
         logger.warning("built split 'train_aug' (%d images = SBD masks + train - val) and wrote '%s'",
                        len(names), path)
     except OSError:

@@ -24,10 +24,8 @@ previous or the new checkpoint, never a torn one.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import torch
 
 from wsss.config import Config, apply_overrides, config_from_dict
 from wsss.errors import ConfigError, WsssError
+from wsss.files import atomic_write
 from wsss.models.weights import RANDOM_INIT
 
 CHECKPOINT_FORMAT = "wsss-checkpoint-1"
@@ -104,29 +103,10 @@ def software_versions() -> dict[str, str]:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then rename over ``path``."""
+    """``torch.save`` to a temporary file next to ``path``, fsync, then rename over ``path`` (durable)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

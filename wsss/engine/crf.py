@@ -124,10 +124,6 @@ class CrfPool:
             self._executor = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context(_start_method()))
 
-    def refine(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """One image, in this process."""
-        return crf_refine(image, probs, self.params)
-
     def imap(self, jobs: Iterable[tuple[Any, np.ndarray, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray]]:
         if self._executor is None:
             for tag, image, probs in jobs:

@@ -18,8 +18,7 @@ classifies better than perfect shapes with a coin-flip class.
 
 from __future__ import annotations
 
-import contextlib
-import io
+import logging
 import math
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 from wsss.config import Config, load_config
 from wsss.engine.metrics import ConfusionMatrix
 from wsss.models.weights import RANDOM_INIT
+
+logger = logging.getLogger(__name__)
 
 BASELINE_SEED = 0
 CLASSIFIER_THRESHOLD = 0.5  # on the sigmoid of the image-level logits
@@ -143,7 +144,7 @@ def run_demo(
     pretrained: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Build data (if missing), train, pseudo-label, evaluate; print the table (module docstring) -> results."""
+    """Build data (if missing), train, pseudo-label, evaluate -> results (``format_demo_table`` prints them)."""
     from wsss.data.demo import build_demo_dataset
     from wsss.engine.checkpoint import LAST_NAME
     from wsss.engine.inference import evaluate_checkpoint, generate_pseudo_labels
@@ -152,7 +153,7 @@ def run_demo(
     start = time.perf_counter()
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     if not (data_dir / "classes.txt").is_file():
-        print(f"building the demo dataset in {data_dir} ...", flush=True)
+        logger.info("building the demo dataset in %s ...", data_dir)
         build_demo_dataset(data_dir)
     extra = [f"data.root={data_dir}", f"train.work_dir={work_dir}"]
     if pretrained:
@@ -163,23 +164,20 @@ def run_demo(
 
     resume = None
     if (work_dir / LAST_NAME).is_file():  # a demo run is there: continue it (a finished one only re-scores)
-        print(f"continuing the demo run in {work_dir} (delete it to start over)", flush=True)
+        logger.info("continuing the demo run in %s (delete it to start over)", work_dir)
         resume = "auto"
     summary = train(cfg, resume=resume)
     trained = time.perf_counter()
     checkpoint = Path(summary["last_checkpoint"])
     rows: dict[str, float] = {}
-    quiet = io.StringIO()  # the library functions print their own tables; the demo prints one
     for method in ("cam", "par", "afa"):
         out_dir = work_dir / "pseudo_labels" / f"{cfg.data.train_split}_{method}"
-        with contextlib.redirect_stdout(quiet):
-            result = generate_pseudo_labels(checkpoint, split=cfg.data.train_split, out_dir=out_dir, method=method,
-                                            msc=True, evaluate=True)
+        result = generate_pseudo_labels(checkpoint, split=cfg.data.train_split, out_dir=out_dir, method=method,
+                                        msc=True, evaluate=True)
         rows[method] = result["miou"]
         train_images = result["num_images"]
     labelled = time.perf_counter()
-    with contextlib.redirect_stdout(quiet):
-        seg = evaluate_checkpoint(checkpoint, split=cfg.data.val_split, target="seg")
+    seg = evaluate_checkpoint(checkpoint, split=cfg.data.val_split, target="seg")
     rows["seg"] = seg["miou"]
     classifier = classifier_f1(checkpoint, cfg, cfg.data.val_split)
     baselines = {"train": baseline_mious(cfg, cfg.data.train_split), "val": baseline_mious(cfg, cfg.data.val_split)}
@@ -193,7 +191,6 @@ def run_demo(
         "seconds": {"total": done - start, "train": trained - start, "pseudo_labels": labelled - trained,
                     "evaluation": done - labelled},
     }
-    print(format_demo_table(result), flush=True)
     return result
 
 

@@ -14,8 +14,10 @@ degenerates to the single-process case, there is no separate code path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,16 +122,36 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, (0, 1) without one."""
+    if is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:
+    """The element-wise sum of ``values`` over all ranks (float64); the values themselves without a group."""
     if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@contextlib.contextmanager
+def joined(device_spec: str) -> Iterator[DistContext]:
+    """The DistContext of this process for an inference command: joins the torchrun process group when
+    WORLD_SIZE > 1 and none is initialized yet, and leaves it again at the end."""
+    created = env_int("WORLD_SIZE", 1) > 1 and not is_initialized()
+    ctx = init_distributed(device_spec)
+    try:
+        yield ctx
+    finally:
+        if created:
+            cleanup_distributed()
 
 
 __all__ = [
-    "DistContext", "all_gather_objects", "all_reduce_mean", "barrier", "broadcast_object", "cleanup_distributed",
-    "init_distributed", "is_initialized", "resolve_device",
+    "DistContext", "all_gather_objects", "all_reduce_mean", "barrier", "cleanup_distributed", "init_distributed",
+    "is_initialized", "joined", "rank_and_world", "resolve_device", "sum_over_ranks",
 ]

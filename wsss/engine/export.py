@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from torch import nn
 
 from wsss.config import Config
 from wsss.errors import WsssError
+from wsss.files import atomic_dir
 
 EXPORT_FORMAT = "wsss-model-1"
 WEIGHTS_FILE = "model.safetensors"
@@ -180,24 +179,14 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, overrides: Sequenc
     metadata = {"format": "pt", "wsss_format": EXPORT_FORMAT, "num_classes": str(meta["num_classes"]),
                 "iteration": str(meta["iteration"])}
 
-    tmp = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}"
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file(_plain_state_dict(network), str(tmp / WEIGHTS_FILE), metadata=metadata)
-        (tmp / CONFIG_FILE).write_text(cfg.to_yaml())
-        (tmp / CLASSES_FILE).write_text(json.dumps(class_names, indent=1) + "\n")
-        card = model_card(cfg, class_names, ckpt, Path(checkpoint).name, out_dir.name)
-        (tmp / CARD_FILE).write_text(card)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        with atomic_dir(out_dir) as tmp:
+            save_file(_plain_state_dict(network), str(tmp / WEIGHTS_FILE), metadata=metadata)
+            (tmp / CONFIG_FILE).write_text(cfg.to_yaml())
+            (tmp / CLASSES_FILE).write_text(json.dumps(class_names, indent=1) + "\n")
+            (tmp / CARD_FILE).write_text(model_card(cfg, class_names, ckpt, Path(checkpoint).name, out_dir.name))
     except OSError as exc:
         raise WsssError(f"cannot write the export folder '{out_dir}': {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -5,92 +5,52 @@ during training (docs/method.md sec. 3, 5, 9 and 10):
 
 - :func:`predict_seg`: seg head logits averaged over the flip, MAX over scales, softmax,
   resized to the original size (the AFA test protocol).
-- :func:`predict_cam_probs`: class probabilities from CAMs: "cam" (constant background
-  channel at ``cam.bg_threshold_eval``), "par" (PAR-refined), "afa" (random walk with the
-  predicted affinity, then PAR).
+- :func:`cam_probs` / :func:`predict_cam_probs`: class probabilities from CAMs, "cam", "par",
+  "afa" (and validation's "rw"), by the pipeline of :mod:`wsss.method.pseudo_labels`.
 - :func:`validate`: CAM, AFA and seg mIoU of a network on a dataset (what the trainer logs).
 - :func:`generate_pseudo_labels`: label PNGs for a split (restartable, torchrun-sharded,
   optional DenseCRF in worker processes, optional mIoU of what was written).
 - :func:`evaluate_checkpoint`: the test protocol on a split (optionally writing the VOC
   evaluation-server layout for the test split).
 
-Everything runs under ``torch.inference_mode``; the forward passes run under autocast
-when ``train.precision`` asks for it (bf16 / fp16 on CUDA, bf16 on CPU), post-processing
-in float32. Distributed (torchrun): rank r takes the split's images r, r + world, ...;
-confusion matrices are summed over the ranks.
+Everything runs under ``torch.inference_mode``; the forward passes under the precision rule
+of :func:`wsss.engine.runtime.autocast`, post-processing in float32. Split-level loops go
+through :func:`wsss.engine.runner.run_over_split`. Distributed (torchrun): rank r takes the
+split's images r, r + world, ...; confusion matrices are summed over the ranks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from wsss.config import IMAGENET_MEAN, IMAGENET_STD, AfaConfig, CamConfig, Config, ParConfig
-from wsss.data.io import write_label_png
+from wsss.config import Config
 from wsss.data.transforms import denormalize
-from wsss.engine.distributed import barrier, cleanup_distributed, init_distributed, is_initialized
+from wsss.engine.distributed import barrier, joined, rank_and_world, sum_over_ranks
 from wsss.engine.metrics import ConfusionMatrix
+from wsss.engine.runner import (
+    crf_pool, load_for_inference, run_over_split, save_label, save_npy, to_float16, to_label,
+)
+from wsss.engine.runtime import pseudo_label_params, unwrap
 from wsss.errors import DatasetError, WsssError
+from wsss.files import atomic_write
+from wsss.method.ops import resize, scaled_size
+from wsss.method.pseudo_labels import cam_maps, cam_probabilities
 
 logger = logging.getLogger(__name__)
 
 CAM_METHODS = ("cam", "par", "afa")
 EVAL_TARGETS = ("seg", "cam", "afa")
-PROB_EPS = 1e-8  # guard of the final per-pixel normalization of class probabilities
 VOC_SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
-
-
-# --------------------------------------------------------------------------- devices and precision
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``train.precision``: bf16 / fp16 on CUDA, bf16 on CPU, otherwise none (fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    if device.type == "cpu" and precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # fp16 autocast on CPU is slow and unsupported by some kernels
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / compiled wrapper."""
-    network = getattr(network, "module", network)
-    return getattr(network, "_orig_mod", network)
-
-
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear resize of [B, C, h, w] to ``size`` (no-op when it already has it)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def _scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
-    from wsss.method.cam import scaled_size
-
-    return scaled_size(size, scale)
-
-
-def _normalize_probs(probs: Tensor) -> Tensor:
-    """[..., C, H, W] non-negative scores -> probabilities summing to 1 over C."""
-    return probs / probs.sum(dim=-3, keepdim=True).clamp_min(PROB_EPS)
 
 
 # --------------------------------------------------------------------------- predictions of one image
@@ -114,11 +74,11 @@ def predict_seg(
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"predict_seg expects one image [1, 3, h, w], got shape {tuple(image.shape)}")
-    net = _unwrap(network)
+    net = unwrap(network)
     size = image.shape[-2:]
     best: Tensor | None = None
     for scale in scales:
-        x = image if scale == 1.0 else _resize(image, _scaled_size(size, scale))
+        x = image if scale == 1.0 else resize(image, scaled_size(size, scale))
         if flip:
             x = torch.cat([x, x.flip(-1)], dim=0)
         logits = net(x, with_seg=True, with_affinity=False).seg_logits.float()
@@ -127,85 +87,54 @@ def predict_seg(
         if best is None:
             best = logits
         else:
-            best = torch.maximum(best, _resize(logits, best.shape[-2:]))
+            best = torch.maximum(best, resize(logits, best.shape[-2:]))
     if best is None:
         raise ValueError("predict_seg needs at least one scale")
-    return _resize(best, out_size or size).softmax(dim=1)[0]
+    return resize(best, out_size or size).softmax(dim=1)[0]
 
 
-def _cam_probs(
+def cam_probs(
     network: nn.Module,
     image: Tensor,
     label: Tensor,
+    cfg: Config,
     methods: Sequence[str],
-    cam_cfg: CamConfig,
-    par_cfg: ParConfig,
-    afa_cfg: AfaConfig,
-    msc: bool,
-    out_size: Sequence[int] | None,
-    mean: Sequence[float],
-    std: Sequence[float],
+    msc: bool = True,
+    out_size: Sequence[int] | None = None,
     affinity_scale: float | None = None,
 ) -> dict[str, Tensor]:
-    """One multi-scale CAM pass, several outputs: method -> probs [C, H0, W0].
+    """One multi-scale CAM pass, several outputs: method -> probs [C, H0, W0] float32.
 
-    Methods: those of :func:`predict_cam_probs`, and "rw" (validation's AFA row: the random walk with
-    background score ``afa.bg_threshold_eval``, no PAR). ``affinity_scale``: the CAM scale whose affinity the
-    random walk uses (default: ``afa.affinity_scale`` with msc, else 1).
+    image [1, 3, h, w] normalized with ``data.mean`` / ``data.std``; label [K] or [1, K] image-level
+    multi-hot labels (absent classes get probability 0); H0 x W0 = ``out_size`` (default h x w).
+    CAMs: ``cam.scales`` with ``cam.flip`` when ``msc``, else scale 1 without flip; methods:
+    ``wsss.method.pseudo_labels.PROB_OUTPUTS`` ("cam", "par", "afa", and "rw": validation's AFA row).
+    ``affinity_scale``: the CAM scale whose affinity the random walk uses (default:
+    ``afa.affinity_scale`` with msc, else 1).
     """
-    from wsss.method.affinity import propagate_cams
-    from wsss.method.cam import cams_with_background, multiscale_cam, scaled_par_kernel
-    from wsss.method.par import apply_par_kernel
-
     unknown = [m for m in methods if m not in (*CAM_METHODS, "rw")]
     if unknown:
         raise WsssError(f"CAM method must be one of {', '.join(CAM_METHODS)}; got '{unknown[0]}'")
     if image.dim() != 4 or image.shape[0] != 1:
-        raise ValueError(f"predict_cam_probs expects one image [1, 3, h, w], got shape {tuple(image.shape)}")
-    net = _unwrap(network)
+        raise ValueError(f"cam_probs expects one image [1, 3, h, w], got shape {tuple(image.shape)}")
+    net = unwrap(network)
     label = label.reshape(1, -1).to(image.device, torch.float32)
-    size = image.shape[-2:]
-    out_size = tuple(out_size or size)
-    scales = list(cam_cfg.scales) if msc else [1.0]
     if "afa" not in methods and "rw" not in methods:
         affinity_scale = None
     elif affinity_scale is None:
-        affinity_scale = afa_cfg.affinity_scale if msc else 1.0
-    grid: dict[str, tuple[int, int]] = {}
+        affinity_scale = cfg.afa.affinity_scale if msc else 1.0
+    params = pseudo_label_params(cfg)
 
     def cam_fn(x: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
         cams, affinity = net.cam_forward(x, with_affinity=with_affinity)
-        if with_affinity:
-            grid["size"] = tuple(cams.shape[-2:])  # the token grid the affinity lives on
         return cams.float(), None if affinity is None else affinity.float()
 
-    cams, affinity = multiscale_cam(cam_fn, image, label, scales, flip=cam_cfg.flip if msc else False,
-                                    affinity_scale=affinity_scale)  # [1, K, h, w] in [0, 1]
-    # post-processing in float32 even when the caller runs the network under autocast
-    with torch.autocast(image.device.type, enabled=False):
-        threshold = cam_cfg.bg_threshold_eval
-        out: dict[str, Tensor] = {}
-        if "cam" in methods:
-            # scores, not a softmax: the argmax is exactly cam_to_label's (bg wins ties)
-            scores = torch.cat([torch.full_like(cams[:, :1], threshold), cams], dim=1)
-            out["cam"] = _normalize_probs(_resize(scores, out_size))[0]
-        if affinity is None and affinity_scale is not None:
-            raise WsssError("the network returned no affinity; method 'afa' needs the AFA affinity head")
-        if "rw" in methods:
-            rw = propagate_cams(cams, label, affinity, afa_cfg.bg_threshold_eval, afa_cfg, grid_size=grid["size"])
-            out["rw"] = _normalize_probs(_resize(rw, out_size))[0]
-        if "par" in methods or "afa" in methods:
-            kernel = scaled_par_kernel(denormalize(image.float(), mean, std), par_cfg)  # once for par and afa
-            par_size = kernel.shape[-2:]
-            if "par" in methods:
-                probs = cams_with_background(_resize(cams, par_size), label, [threshold])[:, 0]
-                refined = apply_par_kernel(probs, kernel, par_cfg.dilations, par_cfg.iterations)
-                out["par"] = _normalize_probs(_resize(refined, out_size))[0]
-            if "afa" in methods:
-                rw = propagate_cams(cams, label, affinity, threshold, afa_cfg, grid_size=grid["size"])
-                refined = apply_par_kernel(_resize(rw, par_size), kernel, par_cfg.dilations, par_cfg.iterations)
-                out["afa"] = _normalize_probs(_resize(refined, out_size))[0]
-    return {m: out[m] for m in methods}
+    maps = cam_maps(cam_fn, image, label, params, affinity_scale, msc=msc)
+    if affinity_scale is not None and maps.affinity is None:
+        raise WsssError("the network returned no affinity; method 'afa' needs the AFA affinity head")
+    images01 = denormalize(image.float(), cfg.data.mean, cfg.data.std)
+    probs = cam_probabilities(images01, maps, params, methods, tuple(out_size or image.shape[-2:]))
+    return {m: p[0] for m, p in probs.items()}
 
 
 @torch.inference_mode()
@@ -213,173 +142,30 @@ def predict_cam_probs(
     network: nn.Module,
     image: Tensor,
     label: Tensor,
-    cam_cfg: CamConfig,
-    par_cfg: ParConfig,
-    afa_cfg: AfaConfig,
+    cfg: Config,
     method: str = "cam",
     msc: bool = True,
     out_size: Sequence[int] | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
 ) -> Tensor:
-    """Class probabilities of one image from its CAMs.
+    """Class probabilities of one image from its CAMs: :func:`cam_probs` of one method -> [C, H0, W0].
 
-    image [1, 3, h, w] normalized with ``mean`` / ``std`` (``data.mean`` / ``data.std``);
-    label [K] or [1, K] image-level multi-hot labels (absent classes get probability 0)
-    -> probs [C, H0, W0] float32 summing to 1 over C (H0 x W0 = ``out_size``, default h x w).
-
-    CAMs: ``multiscale_cam`` over ``cam.scales`` with ``cam.flip`` when ``msc``, else scale 1
-    without flip. Background score = ``cam.bg_threshold_eval``.
-    - "cam": [background score, CAMs] normalized to sum 1; argmax = ``cam_to_label``.
-    - "par": softmax over background + present classes at ``par.scale`` of h x w, PAR.
+    - "cam": [background score ``cam.bg_threshold_eval``, CAMs] normalized to sum 1;
+    - "par": softmax over background + present classes at ``par.scale`` of h x w, PAR;
     - "afa": random walk with the predicted affinity of the ``afa.affinity_scale`` pass
-      (scale 1 without msc) on its token grid (``propagate_cams``), then PAR.
+      (scale 1 without msc) on its token grid, then PAR.
     """
-    return _cam_probs(network, image, label, [method], cam_cfg, par_cfg, afa_cfg, msc, out_size, mean, std)[method]
+    return cam_probs(network, image, label, cfg, [method], msc, out_size)[method]
 
 
-# --------------------------------------------------------------------------- split-level machinery
+# --------------------------------------------------------------------------- checks and run options
 
 
-def _dist_info() -> tuple[int, int]:
-    if is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-@contextlib.contextmanager
-def _distributed(device_spec: str) -> Iterator[tuple[int, int, torch.device]]:
-    """(rank, world, device for ``train.device``); joins the torchrun process group when
-    WORLD_SIZE > 1 and none is initialized yet, and leaves it again at the end."""
-    created = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_initialized()
-    ctx = init_distributed(device_spec)
-    try:
-        yield ctx.rank, ctx.world_size, ctx.device
-    finally:
-        if created:
-            cleanup_distributed()
-
-
-def _sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:
-    if not is_initialized():
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-class _Items(Dataset):
-    """The eval items of ``indices`` of a dataset, with the index and optionally the raw uint8 image."""
-
-    def __init__(self, dataset: Any, indices: Sequence[int], raw_image: bool) -> None:
-        self.dataset, self.indices, self.raw_image = dataset, list(indices), raw_image
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        index = self.indices[i]
-        item = dict(self.dataset[index])
-        item["index"] = index
-        if self.raw_image:
-            item["raw"] = self.dataset.load_image(index)
-        return item
-
-
-def _loader(dataset: Any, indices: Sequence[int], raw_image: bool, num_workers: int) -> DataLoader:
-    workers = min(num_workers, len(indices))
-    return DataLoader(_Items(dataset, indices, raw_image), batch_size=None, shuffle=False, num_workers=workers,
-                      persistent_workers=False)
-
-
-PredictFn = Callable[[dict[str, Any]], Tensor]
-
-
-def _predictions(
-    dataset: Any,
-    indices: Sequence[int],
-    predict: PredictFn,
-    device: torch.device,
-    precision: str,
-    crf_pool: Any | None,
-    num_workers: int,
-) -> Iterator[tuple[dict[str, Any], Tensor | np.ndarray]]:
-    """Yield (item, probs [C, H0, W0]) per index, in order: a device tensor, or a float32
-    array after DenseCRF (run in ``crf_pool``'s worker processes while the next images go
-    through the network)."""
-    loader = _loader(dataset, indices, crf_pool is not None, num_workers)
-
-    def forward() -> Iterator[tuple[dict[str, Any], Any, Any]]:
-        for item in loader:
-            with torch.inference_mode(), autocast_context(device, precision):
-                probs = predict(item)
-            if crf_pool is None:
-                yield item, None, probs
-            else:
-                yield item, np.asarray(item.pop("raw")), probs.float().cpu().numpy()
-
-    if crf_pool is None:
-        for item, _, probs in forward():
-            yield item, probs
-    else:
-        yield from crf_pool.imap(((item, raw, probs) for item, raw, probs in forward()))
-
-
-def _to_label(probs: Tensor | np.ndarray) -> np.ndarray:
-    """probs [C, H, W] -> uint8 [H, W] argmax (on the device for a tensor, then one copy)."""
-    if isinstance(probs, Tensor):
-        return probs.max(dim=0).indices.to(torch.uint8).cpu().numpy()  # = argmax, faster on CPU
-    return probs.argmax(axis=0).astype(np.uint8)
-
-
-def _to_float16(probs: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(probs, Tensor):
-        return probs.to(torch.float16).cpu().numpy()
-    return probs.astype(np.float16)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same directory and rename, so a killed run
-    leaves either the whole file or none."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    _atomic_write(path, write)
-
-
-def _save_label(path: Path, label: np.ndarray) -> None:
-    _atomic_write(path, lambda tmp: write_label_png(tmp, label))
-
-
-def _crf_pool(cfg: Config, enabled: bool) -> Any | None:
-    if not enabled:
-        return None
-    from wsss.engine.crf import CrfPool
-
-    return CrfPool(cfg.eval.crf_workers, cfg.eval)
-
-
-def _load(checkpoint: str | Path, overrides: Sequence[str],
-          data_root: str | Path | None) -> tuple[nn.Module, Config, dict]:
-    """Network (on the CPU, eval mode), config (overrides and ``data_root`` applied), metadata."""
-    from wsss.engine.checkpoint import load_network
-
-    network, cfg, meta = load_network(checkpoint, torch.device("cpu"), list(overrides))
-    if data_root is not None:
-        cfg.data.root = str(data_root)
-    network.eval()
-    return network, cfg, meta
+def _check_labels_available(dataset: Any, what: str) -> None:
+    if not dataset.has_masks:
+        raise DatasetError(
+            f"split '{dataset.split}' of '{dataset.root}' has no masks, so no image-level labels; {what} "
+            "needs the image labels (use a split with masks)"
+        )
 
 
 RUN_OPTIONS_FILE = "pseudo_labels.json"
@@ -414,15 +200,7 @@ def _check_run_options(out: Path, options: dict[str, Any], rank: int) -> None:
                 f"'{out}' holds pseudo labels written with other options ({', '.join(changed)} differ, see "
                 f"'{path}'); choose another output directory or delete it to start over")
     elif rank == 0:
-        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(options, indent=1)))
-
-
-def _check_labels_available(dataset: Any, what: str) -> None:
-    if not dataset.has_masks:
-        raise DatasetError(
-            f"split '{dataset.split}' of '{dataset.root}' has no masks, so no image-level labels; {what} "
-            "needs the image labels (use a split with masks)"
-        )
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(options, indent=1)))
 
 
 # --------------------------------------------------------------------------- validation during training
@@ -444,8 +222,7 @@ def _validation_maps(net: nn.Module, image: Tensor, label: Tensor, out_size: Seq
     """The label maps [H0, W0] that :func:`validate` scores, for one image [1, 3, h, w] at its own size."""
     seg = predict_seg(net, image, [1.0], flip=False, out_size=out_size)
     # one multi-scale + flip CAM pass; the affinity of its scale-1 pass, which in eval mode is the plain forward
-    probs = _cam_probs(net, image, label, ("cam", "par", "rw"), cfg.cam, cfg.par, cfg.afa, True, out_size,
-                       cfg.data.mean, cfg.data.std, affinity_scale=1.0)
+    probs = cam_probs(net, image, label, cfg, ("cam", "par", "rw"), True, out_size, affinity_scale=1.0)
     # max(...).indices = argmax(dim=0), faster on CPU
     return {"seg": seg.max(dim=0).indices, "cam": probs["cam"].max(dim=0).indices,
             "afa": probs["rw"].max(dim=0).indices, "par": probs["par"].max(dim=0).indices}
@@ -470,26 +247,29 @@ def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device
     under torch.distributed each rank takes every world-th image and the matrices are summed.
     """
     device = torch.device(device)
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     indices = validation_subset(len(dataset), limit)[rank::world]
     names = dataset.class_names
     matrices = {k: ConfusionMatrix(dataset.num_classes, device=device, class_names=names) for k in VAL_KEYS}
-    net = _unwrap(network)
+    net = unwrap(network)
     was_training = net.training
     net.eval()
+
+    def maps(item: dict[str, Any]) -> dict[str, Tensor]:
+        image = item["image"][None].to(device, non_blocking=True)
+        label = item["label"].to(device, non_blocking=True)
+        return _validation_maps(net, image, label, item["mask"].shape, cfg)
+
     try:
-        loader = _loader(dataset, indices, raw_image=False, num_workers=cfg.data.num_workers)
-        for item in tqdm(loader, desc="validation", unit="img", leave=False, disable=rank != 0):
-            image = item["image"][None].to(device, non_blocking=True)
+        outputs = run_over_split(dataset, indices, maps, device, cfg.train.precision, num_workers=cfg.data.num_workers)
+        for item, predictions in tqdm(outputs, total=len(indices), desc="validation", unit="img", leave=False,
+                                      disable=rank != 0):
             mask = item["mask"].to(device, non_blocking=True)
-            label = item["label"].to(device, non_blocking=True)
-            with torch.inference_mode(), autocast_context(device, cfg.train.precision):
-                maps = _validation_maps(net, image, label, mask.shape, cfg)
-            for key, prediction in maps.items():
+            for key, prediction in predictions.items():
                 matrices[key].update(prediction, mask)
     finally:
         net.train(was_training)
-    total = int(_sum_over_ranks([len(indices)], device)[0])
+    total = int(sum_over_ranks([len(indices)], device)[0])
     results = {}
     for key, cm in matrices.items():
         results[key] = cm.reduce_().compute()
@@ -516,7 +296,7 @@ def generate_pseudo_labels(
     evaluate: bool = False,
     data_root: str | Path | None = None,
     overrides: Sequence[str] = (),
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Write pseudo labels of ``split`` as VOC-palette PNGs ``<out_dir>/<name>.png``.
 
     method: "cam" | "par" | "afa" (see :func:`predict_cam_probs`), from the GT image labels
@@ -531,79 +311,89 @@ def generate_pseudo_labels(
     file and a rename. The options that decide the labels (checkpoint, method, msc, crf, the
     cam / par / afa settings) are kept in ``<out_dir>/pseudo_labels.json``; resuming into a
     directory written with other options is an error. Under torchrun rank r labels names[r::world].
-    evaluate=True: the mIoU
-    of the written labels (skipped ones included) against the split's masks, summed over
-    ranks, is printed (rank 0) and returned; otherwise returns None.
+    -> {"out_dir", "split", "method", "msc", "crf", "written", "skipped", "seconds"} (summed over
+    ranks), and with evaluate=True the mIoU of the written labels (skipped ones included) against
+    the split's masks (``ConfusionMatrix.compute()`` keys, ``num_images``).
     """
     from wsss.data.datasets import build_dataset
-    from wsss.engine.metrics import format_table
 
     if method not in CAM_METHODS:
         raise WsssError(f"method must be one of {', '.join(CAM_METHODS)}; got '{method}'")
-    network, cfg, meta = _load(checkpoint, overrides, data_root)
+    network, cfg, meta = load_for_inference(checkpoint, overrides, data_root)
     split = split or cfg.data.train_split
-    with _distributed(cfg.train.device) as (rank, world, device):
-        network.to(device)
+    with joined(cfg.train.device) as ctx:
+        network.to(ctx.device)
         dataset = build_dataset(cfg.data, split, train=False, long_side=None)
         _check_labels_available(dataset, f"pseudo labels (method '{method}')")
         out = Path(out_dir) if out_dir is not None else default_pseudo_label_dir(checkpoint, split, method)
         out.mkdir(parents=True, exist_ok=True)
-        _check_run_options(out, _run_options(checkpoint, meta, cfg, split, method, msc, crf), rank)
+        _check_run_options(out, _run_options(checkpoint, meta, cfg, split, method, msc, crf), ctx.rank)
 
         def done(index: int) -> bool:
             name = dataset.names[index]
             return (out / f"{name}.png").is_file() and (not save_probs or (out / f"{name}.npy").is_file())
 
-        mine = list(range(rank, len(dataset), world))
+        mine = list(range(ctx.rank, len(dataset), ctx.world_size))
         todo = [i for i in mine if not done(i)]
-        skipped = sorted(set(mine).difference(todo))
-        cm = ConfusionMatrix(dataset.num_classes, device=device, class_names=dataset.class_names) if evaluate else None
+        cm = ConfusionMatrix(dataset.num_classes, device=ctx.device, class_names=dataset.class_names) if evaluate else None
 
         def predict(item: dict[str, Any]) -> Tensor:
-            image = item["image"][None].to(device, non_blocking=True)
-            return predict_cam_probs(network, image, item["label"].to(device), cfg.cam, cfg.par, cfg.afa, method,
-                                     msc, item["mask"].shape, cfg.data.mean, cfg.data.std)
+            image = item["image"][None].to(ctx.device, non_blocking=True)
+            return predict_cam_probs(network, image, item["label"].to(ctx.device), cfg, method, msc,
+                                     item["mask"].shape)
 
         start = time.perf_counter()
-        pool = _crf_pool(cfg, crf)
+        pool = crf_pool(cfg, crf)
         try:
-            with tqdm(total=len(todo), desc=f"pseudo labels ({method})", disable=rank != 0, unit="img") as bar:
-                for item, probs in _predictions(dataset, todo, predict, device, cfg.train.precision, pool,
-                                                cfg.data.num_workers):
-                    label = _to_label(probs)
-                    name = item["name"]
-                    if save_probs:
-                        _save_npy(out / f"{name}.npy", _to_float16(probs))
-                    _save_label(out / f"{name}.png", label)  # last: its presence marks the image done
-                    if cm is not None:
-                        cm.update(label, item["mask"].numpy())
-                    bar.update(1)
+            outputs = run_over_split(dataset, todo, predict, ctx.device, cfg.train.precision, pool,
+                                     cfg.data.num_workers)
+            for item, probs in tqdm(outputs, total=len(todo), desc=f"pseudo labels ({method})",
+                                    disable=ctx.rank != 0, unit="img"):
+                label = to_label(probs)
+                if save_probs:
+                    save_npy(out / f"{item['name']}.npy", to_float16(probs))
+                save_label(out / f"{item['name']}.png", label)  # last: its presence marks the image done
+                if cm is not None:
+                    cm.update(label, item["mask"].numpy())
         finally:
             if pool is not None:
                 pool.close()
-        elapsed = time.perf_counter() - start
         if cm is not None:
             from wsss.data.io import read_label_png
 
-            for index in skipped:
+            for index in sorted(set(mine).difference(todo)):
                 cm.update(read_label_png(out / f"{dataset.names[index]}.png"), dataset.load_mask(index))
-        written, skipped_total, seconds = _sum_over_ranks([len(todo), len(skipped), elapsed], device)
+        elapsed = time.perf_counter() - start
+        written, skipped, seconds = sum_over_ranks([len(todo), len(mine) - len(todo), elapsed], ctx.device)
         barrier()
-        if rank == 0:
-            rate = written / max(elapsed, 1e-9)
-            print(f"wrote {int(written)} pseudo labels to {out} ({int(skipped_total)} already there, skipped) "
-                  f"in {elapsed:.1f} s: {rate:.2f} images/s" + (f" over {world} processes" if world > 1 else ""))
-        if cm is None:
-            return None
-        result = cm.reduce_().compute()
-        result.update({"num_images": len(dataset), "split": split, "method": method, "msc": msc, "crf": crf,
-                       "out_dir": str(out)})
-        if rank == 0:
-            print(format_table(result))
+        if ctx.rank == 0:
+            logger.info("wrote %d pseudo labels to %s (%d already there, skipped) in %.1f s: %.2f images/s%s",
+                        written, out, skipped, elapsed, written / max(elapsed, 1e-9),
+                        f" over {ctx.world_size} processes" if ctx.world_size > 1 else "")
+        result: dict[str, Any] = {"out_dir": str(out), "split": split, "method": method, "msc": msc, "crf": crf,
+                                  "written": int(written), "skipped": int(skipped), "seconds": elapsed}
+        if cm is not None:
+            result.update(cm.reduce_().compute(), num_images=len(dataset))
         return result
 
 
 # --------------------------------------------------------------------------- checkpoint evaluation
+
+
+def _eval_predict_fn(network: nn.Module, cfg: Config, target: str, msc: bool,
+                     device: torch.device) -> Callable[[dict[str, Any]], Tensor]:
+    """item -> probs [C, H0, W0] at the original size: the seg head (``eval.scales`` + flip with msc) or the
+    CAM probabilities of ``target`` with the item's GT image labels."""
+
+    def predict(item: dict[str, Any]) -> Tensor:
+        image = item["image"][None].to(device, non_blocking=True)
+        out_size = tuple(int(v) for v in item["size"])
+        if target == "seg":
+            scales = cfg.eval.scales if msc else [1.0]
+            return predict_seg(network, image, scales, flip=cfg.eval.flip and msc, out_size=out_size)
+        return predict_cam_probs(network, image, item["label"].to(device), cfg, target, msc, out_size)
+
+    return predict
 
 
 def evaluate_checkpoint(
@@ -632,8 +422,9 @@ def evaluate_checkpoint(
 
     if target not in EVAL_TARGETS:
         raise WsssError(f"target must be one of {', '.join(EVAL_TARGETS)}; got '{target}'")
-    network, cfg, _ = _load(checkpoint, overrides, data_root)
-    with _distributed(cfg.train.device) as (rank, world, device):
+    network, cfg, _ = load_for_inference(checkpoint, overrides, data_root)
+    with joined(cfg.train.device) as ctx:
+        device = ctx.device
         network.to(device)
         dataset = build_dataset(cfg.data, split, train=False, long_side=cfg.eval.long_side)
         has_gt = dataset.has_masks
@@ -646,45 +437,32 @@ def evaluate_checkpoint(
         if save_dir is not None:
             save = Path(save_dir) / VOC_SERVER_DIR if not has_gt else Path(save_dir)
             save.mkdir(parents=True, exist_ok=True)
-
-        def predict(item: dict[str, Any]) -> Tensor:
-            image = item["image"][None].to(device, non_blocking=True)
-            out_size = tuple(int(v) for v in item["size"])
-            if target == "seg":
-                scales = cfg.eval.scales if msc else [1.0]
-                return predict_seg(network, image, scales, flip=cfg.eval.flip and msc, out_size=out_size)
-            return predict_cam_probs(network, image, item["label"].to(device), cfg.cam, cfg.par, cfg.afa,
-                                     target, msc, out_size, cfg.data.mean, cfg.data.std)
-
-        indices = list(range(rank, len(dataset), world))
+        indices = list(range(ctx.rank, len(dataset), ctx.world_size))
         cm = ConfusionMatrix(dataset.num_classes, device=device, class_names=dataset.class_names)
         start = time.perf_counter()
-        pool = _crf_pool(cfg, crf)
+        pool = crf_pool(cfg, crf)
         try:
+            outputs = run_over_split(dataset, indices, _eval_predict_fn(network, cfg, target, msc, device), device,
+                                     cfg.train.precision, pool, cfg.data.num_workers)
             desc = f"eval {target}{' msc' if msc else ''}{' crf' if crf else ''}"
-            with tqdm(total=len(indices), desc=desc, disable=rank != 0, unit="img") as bar:
-                for item, probs in _predictions(dataset, indices, predict, device, cfg.train.precision, pool,
-                                                cfg.data.num_workers):
-                    if isinstance(probs, Tensor) and save is None:
-                        cm.update(probs.max(dim=0).indices, item["mask"].to(device))  # = argmax, on the device
-                    else:
-                        label = _to_label(probs)
-                        if save is not None:
-                            _save_label(save / f"{item['name']}.png", label)
-                        if has_gt:
-                            cm.update(label, item["mask"].numpy())
-                    bar.update(1)
+            for item, probs in tqdm(outputs, total=len(indices), desc=desc, disable=ctx.rank != 0, unit="img"):
+                if isinstance(probs, Tensor) and save is None:
+                    cm.update(probs.max(dim=0).indices, item["mask"].to(device))  # = argmax, on the device
+                    continue
+                label = to_label(probs)
+                if save is not None:
+                    save_label(save / f"{item['name']}.png", label)
+                if has_gt:
+                    cm.update(label, item["mask"].numpy())
         finally:
             if pool is not None:
                 pool.close()
-        elapsed = time.perf_counter() - start
         barrier()
-        if rank == 0:
+        if ctx.rank == 0:
             where = f"; predictions in {save}" if save is not None else ""
-            logger.info("evaluated %d images in %.1f s%s", len(dataset), elapsed, where)
+            logger.info("evaluated %d images of split '%s' in %.1f s%s", len(dataset), split,
+                        time.perf_counter() - start, where)
         if not has_gt:
-            if rank == 0:
-                print(f"wrote {len(dataset)} predictions of split '{split}' to {save} (no ground truth to score)")
             return None
         result = cm.reduce_().compute()
         result.update({"num_images": len(dataset), "split": split, "target": target, "msc": msc, "crf": crf})
@@ -692,6 +470,6 @@ def evaluate_checkpoint(
 
 
 __all__ = [
-    "autocast_context", "default_pseudo_label_dir", "evaluate_checkpoint", "generate_pseudo_labels",
-    "predict_cam_probs", "predict_seg", "validate",
+    "cam_probs", "default_pseudo_label_dir", "evaluate_checkpoint", "generate_pseudo_labels", "predict_cam_probs",
+    "predict_seg", "validate",
 ]

@@ -90,7 +90,7 @@ def _overlay_dir(out: Path, names: Sequence[str]) -> Path:
 
 def overlay_image(image: np.ndarray, label: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """uint8 [H, W, 3] image, uint8 [H, W] label -> uint8 [H, W, 3]: VOC colours blended on foreground pixels."""
-    from wsss.engine.viz import blend, colorize_label
+    from wsss.engine.colors import blend, colorize_label
 
     return np.where((label > 0)[:, :, None], blend(image, colorize_label(label), alpha), image)
 
@@ -98,22 +98,19 @@ def overlay_image(image: np.ndarray, label: np.ndarray, alpha: float = OVERLAY_A
 def _write_outputs(out: Path, name: str, prediction: Any, overlay_dir: Path | None, probs: bool) -> None:
     from PIL import Image
 
-    from wsss.engine.inference import _atomic_write, _save_label
+    from wsss.engine.runner import save_label
+    from wsss.files import atomic_write
 
     label_path = out / f"{name}.png"
     label_path.parent.mkdir(parents=True, exist_ok=True)
     if probs:
-        def write_npz(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, probs=prediction.probs.astype(np.float16))
-
-        _atomic_write(out / f"{name}.npz", write_npz)
+        atomic_write(out / f"{name}.npz", lambda tmp: np.savez_compressed(tmp, probs=prediction.probs.astype(np.float16)))
     if overlay_dir is not None:
         path = overlay_dir / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         picture = Image.fromarray(overlay_image(prediction.image, prediction.label))
-        _atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
-    _save_label(label_path, prediction.label)
+        atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+    save_label(label_path, prediction.label)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -43,10 +43,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from wsss.config import Config, config_from_dict
 from wsss.data.transforms import denormalize
@@ -54,13 +53,16 @@ from wsss.engine import distributed as du
 from wsss.engine.checkpoint import (
     BEST_NAME, LAST_NAME, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, software_versions,
 )
+from wsss.engine.loader import build_train_loader, iterate_batches
+from wsss.engine.runtime import autocast, autocast_dtype, fork_rng, pseudo_label_params, unwrap
 from wsss.engine.schedule import build_scheduler
 from wsss.errors import ConfigError, DatasetError, WsssError
-from wsss.method.affinity import affinity_labels, label_to_grid, propagate_cams
-from wsss.method.cam import (
-    box_mask, multiscale_cam, refine_cams_to_label, refine_probs_to_label, scaled_par_kernel,
-)
+from wsss.logs import add_log_file, configure_logging, remove_log_file
+from wsss.method.affinity import affinity_labels, label_to_grid
+from wsss.method.cam import CamFn, box_mask
 from wsss.method.losses import affinity_loss, balanced_seg_loss, classification_loss
+from wsss.method.ops import resize
+from wsss.method.pseudo_labels import cam_maps, present_classes, pseudo_labels
 
 logger = logging.getLogger(__name__)
 
@@ -113,18 +115,6 @@ NO_TIMER = _NoTimer()
 # --------------------------------------------------------------------------- pieces of a step
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """torch.autocast for ``train.precision`` (bf16 also on CPU); a no-op for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def cam_path_is_deterministic(network: nn.Module) -> bool:
     """True when a CAM-path pass (backbone + classifier + affinity head) has no randomness and no
     batch dependence now: no active dropout / drop-path, no BatchNorm using batch statistics.
@@ -142,36 +132,33 @@ def cam_path_is_deterministic(network: nn.Module) -> bool:
     return True
 
 
-def present_classes(labels: Tensor) -> Tensor:
-    """labels [B, K] multi-hot -> long [B, K'] (K' = most classes any image has, >= 1): each
-    image's present classes in ascending order, padded with absent ones.
+def _cam_fn(network: nn.Module, images: Tensor, precision: str, main_output: Any) -> CamFn:
+    """The network's CAM path under autocast for ``multiscale_cam``; the unflipped scale-1 images (passed
+    first) take the CAMs / affinity of ``main_output`` (the training pass of ``images``) when given."""
+    batch = images.shape[0]
 
-    Everything after the network treats absent classes as exactly zero (masked CAMs, -inf
-    before each softmax, channel-wise PAR and random walk), so the pseudo-label pipeline may run
-    on these K' channels instead of all K (VOC: 1-3 instead of 20) and give the same labels.
-    Call it on the CPU copy of the labels (as loaded): K' is read without a device sync.
-    """
-    absent = (labels <= 0).to(torch.int8)
-    order = torch.sort(absent, dim=1, stable=True).indices
-    k = max(1, int((labels > 0).sum(dim=1).max())) if labels.numel() else 1
-    return order[:, :k]
+    def cam_fn(x: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
+        same = main_output is not None and x.shape[-2:] == images.shape[-2:] and x.shape[0] in (batch, 2 * batch)
+        if same and with_affinity and main_output.affinity is None:
+            same = False
+        with autocast(images.device, precision):
+            if not same:
+                return network.cam_forward(x, with_affinity)
+            cams = main_output.cams.detach()
+            aff = main_output.affinity.detach() if with_affinity and main_output.affinity is not None else None
+            if x.shape[0] == 2 * batch:
+                flip_cams, flip_aff = network.cam_forward(x[batch:], with_affinity)
+                cams = torch.cat([cams, flip_cams.to(cams.dtype)])
+                aff = torch.cat([aff, flip_aff.to(aff.dtype)]) if aff is not None else None
+        return cams, aff
 
-
-def _to_all_classes(label: Tensor, class_index: Tensor, ignore_index: int) -> Tensor:
-    """label [B, H, W] in 0..K' (+ ignore) over the classes of ``class_index`` [B, K'] -> 0..K (+ ignore)."""
-    b, k = class_index.shape
-    lookup = torch.cat([class_index.new_zeros(b, 1), class_index + 1], dim=1)  # compact -> full class id
-    full = lookup.gather(1, label.clamp(max=k).flatten(1)).view_as(label)
-    return torch.where(label == ignore_index, label, full)
+    return cam_fn
 
 
 @dataclass
-class PseudoLabels:
-    cams: Tensor  # [B, K', H, W] multi-scale CAMs in [0, 1] of the classes in class_index
-    class_index: Tensor  # long [B, K']: which class each CAM channel is (see present_classes)
-    label: Tensor  # long [B, H, W] PAR-refined CAM label (255 = ignore)
-    affinity: Tensor | None  # [B, N', N'] affinity of the afa.affinity_scale pass
-    affinity_grid: tuple[int, int] | None  # its token grid (h', w')
+class StepLabels:
+    cams: Tensor  # [B, K', H, W] multi-scale CAMs in [0, 1] of the batch's present classes
+    label: Tensor  # long [B, H, W] PAR-refined CAM label, class ids 0..K (255 = ignore)
     afa_label: Tensor | None = None  # long [B, H, W] random walk + PAR label
 
 
@@ -185,8 +172,9 @@ def make_pseudo_labels(
     main_output: Any = None,
     timer: PhaseTimer | _NoTimer = NO_TIMER,
     class_index: Tensor | None = None,
-) -> PseudoLabels:
-    """The no-grad half of an iteration: multi-scale CAM -> PAR label (-> AFA label).
+) -> StepLabels:
+    """The no-grad half of an iteration (:mod:`wsss.method.pseudo_labels`): multi-scale CAM of the present
+    classes -> PAR label (-> AFA label).
 
     ``network`` is the bare AFANetwork (not DDP). ``class_index`` (:func:`present_classes`,
     default: computed from ``labels``) restricts CAMs, PAR and random walk to the present
@@ -195,66 +183,24 @@ def make_pseudo_labels(
     exact (:func:`cam_path_is_deterministic`); with drop-path active it would be a different
     random sample than a separate pass, so it is not reused.
     """
-    device = images.device
-    precision = cfg.train.precision
-    batch = images.shape[0]
-    reuse = main_output is not None and cam_path_is_deterministic(network)
-    grid: dict[str, tuple[int, int]] = {}
+    params = pseudo_label_params(cfg)
     if class_index is None:
         class_index = present_classes(labels.cpu())
-    class_index = class_index.to(device, non_blocking=True)
-    present = labels.gather(1, class_index)  # [B, K'] 1 = present, 0 = padding
-
-    def compact(cams: Tensor) -> Tensor:  # [B'', K, h, w] -> [B'', K', h, w], B'' = B or 2B
-        index = class_index.repeat(cams.shape[0] // batch, 1)
-        return cams.gather(1, index[:, :, None, None].expand(-1, -1, *cams.shape[-2:]))
-
-    def cam_fn(x: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
-        # multiscale_cam passes the unscaled images first (then their flip) at scale 1
-        same = reuse and x.shape[-2:] == images.shape[-2:] and x.shape[0] in (batch, 2 * batch)
-        if same and with_affinity and main_output.affinity is None:
-            same = False
-        with autocast(device, precision):
-            if not same:
-                cams, aff = network.cam_forward(x, with_affinity)
-            else:
-                cams, aff = main_output.cams.detach(), main_output.affinity
-                aff = aff.detach() if with_affinity and aff is not None else None
-                if x.shape[0] == 2 * batch:
-                    flip_cams, flip_aff = network.cam_forward(x[batch:], with_affinity)
-                    cams = torch.cat([cams, flip_cams.to(cams.dtype)])
-                    aff = torch.cat([aff, flip_aff.to(aff.dtype)]) if aff is not None else None
-        if with_affinity:
-            grid["affinity"] = (int(cams.shape[-2]), int(cams.shape[-1]))
-        return compact(cams), aff
-
+    reuse = main_output if main_output is not None and cam_path_is_deterministic(network) else None
+    cam_fn = _cam_fn(network, images, cfg.train.precision, reuse)
     with torch.no_grad():
         with timer.phase("multiscale_cam"):
-            cams, affinity = multiscale_cam(cam_fn, images, present, cfg.cam.scales, cfg.cam.flip,
-                                            cfg.afa.affinity_scale)
+            maps = cam_maps(cam_fn, images, labels, params, cfg.afa.affinity_scale, class_index=class_index)
         images01 = denormalize(images.float(), cfg.data.mean, cfg.data.std)
-        ignore = cfg.data.ignore_index
-        with timer.phase("pseudo_label_par"):
-            kernel = scaled_par_kernel(images01, cfg.par)  # shared by the CAM and the AFA branch
-            label = refine_cams_to_label(images01, cams, present, cfg.cam, cfg.par, valid_box, ignore, kernel)
-            label = _to_all_classes(label, class_index, ignore)
-        out = PseudoLabels(cams, class_index, label, affinity, grid.get("affinity"))
-        if with_afa and affinity is not None:
-            with timer.phase("affinity_random_walk"):
-                probs = propagate_cams(cams, present, affinity, (cfg.cam.bg_threshold_high, cfg.cam.bg_threshold_low),
-                                       cfg.afa, grid_size=out.affinity_grid)
-            with timer.phase("pseudo_label_par"):
-                afa_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, valid_box, ignore,
-                                                  kernel)
-                out.afa_label = _to_all_classes(afa_label, class_index, ignore)
-    return out
+        out = pseudo_labels(images01, maps, params, valid_box, with_afa, timer.phase)
+    return StepLabels(maps.cams, out.label, out.afa_label)
 
 
 @dataclass
 class StepResult:
     losses: dict[str, Tensor]  # detached float32 scalars (LOSS_NAMES), means over the micro-batches
     seg_logits: Tensor | None = None  # detached seg logits of the last micro-batch (None in the warm-up)
-    pseudo: PseudoLabels | None = None  # pseudo labels of the last micro-batch (None in the warm-up)
+    pseudo: StepLabels | None = None  # pseudo labels of the last micro-batch (None in the warm-up)
     batch: dict[str, Any] | None = None  # the last micro-batch
 
 
@@ -286,7 +232,7 @@ def _micro_step(
     cfg: Config,
     device: torch.device,
     timer: PhaseTimer | _NoTimer,
-) -> tuple[Tensor, dict[str, Tensor], Any, PseudoLabels | None]:
+) -> tuple[Tensor, dict[str, Tensor], Any, StepLabels | None]:
     """Forward, pseudo labels and losses of one micro-batch -> (total loss, losses, output, pseudo)."""
     tc = cfg.train
     network = unwrap(model)
@@ -409,13 +355,17 @@ def build_optimizer(network: nn.Module, cfg: Config) -> torch.optim.AdamW:
 
 
 def build_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler | None:
-    """GradScaler for fp16 (bf16 and fp32 need none)."""
-    if cfg.train.precision != "fp16":
+    """GradScaler when the network runs in fp16 (:func:`wsss.engine.runtime.autocast_dtype`; bf16 and fp32
+    need none)."""
+    if autocast_dtype(device, cfg.train.precision) != torch.float16:
         return None
     return torch.amp.GradScaler(device.type)
 
 
 def check_precision(cfg: Config, device: torch.device) -> None:
+    if cfg.train.precision == "fp16" and autocast_dtype(device, "fp16") is None:
+        logger.warning("train.precision=fp16 runs as fp32 on %s (fp16 autocast is CUDA-only here; bf16 is the "
+                       "reduced precision for the CPU)", device)
     if cfg.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise WsssError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support; "
                         "use train.precision=fp16 or fp32")
@@ -427,134 +377,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --------------------------------------------------------------------------- data
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] % 2**63)
-
-
-class SeededSamples(Dataset):
-    """Items keyed by ``(epoch, index)``: the augmentation of a sample draws from torch's RNG
-    seeded by (train.seed, epoch, index) only, so it is the same whatever the worker, the
-    number of workers, the rank, or whether the run was resumed."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_sample_seed(self.seed, epoch, index))
-            return self.dataset[index]
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (permutation from seed + epoch, every world-th index for this rank)
-    yielding ``(epoch, index)`` keys, that can start ``skip`` samples into the epoch."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
-        self.skip = 0
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.skip:]
-        return iter([(self.epoch, i) for i in indices])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
-
-
-def _worker_init(seed: int, rank: int, worker_id: int) -> None:
-    # The augmentation is seeded per sample (SeededSamples); this only keeps numpy / random
-    # in the workers distinct and reproducible for any other use.
-    worker_seed = _sample_seed(seed, 10_000 + rank, worker_id)
-    random.seed(worker_seed)
-    np.random.seed(worker_seed % 2**32)
-    torch.manual_seed(worker_seed)
-
-
-def build_train_loader(dataset: Dataset, cfg: Config, ctx: du.DistContext,
-                       batch_size: int | None = None) -> tuple[DataLoader, ResumableSampler]:
-    """Per-process batches of ``batch_size`` (default ``data.batch_size``), drop_last, persistent workers,
-    pinned memory on CUDA."""
-    import functools
-
-    batch_size = batch_size or cfg.data.batch_size
-    sampler = ResumableSampler(dataset, ctx.world_size, ctx.rank, cfg.train.seed)
-    generator = torch.Generator()
-    generator.manual_seed(cfg.train.seed + ctx.rank)
-    workers = cfg.data.num_workers
-    loader = DataLoader(
-        SeededSamples(dataset, cfg.train.seed),
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=ctx.device.type == "cuda",
-        drop_last=True,
-        persistent_workers=workers > 0,
-        worker_init_fn=functools.partial(_worker_init, cfg.train.seed, ctx.rank),
-        generator=generator,
-        prefetch_factor=2 if workers > 0 else None,
-    )
-    return loader, sampler
-
-
-def iterate_batches(loader: DataLoader, sampler: ResumableSampler, epoch: int, consumed: int,
-                    batch_size: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """Endless batches -> (epoch, batches of that epoch consumed so far incl. this one, batch),
-    starting ``consumed`` batches into ``epoch`` (the same order as an uninterrupted run)."""
-    while True:
-        sampler.set_epoch(epoch)
-        sampler.skip = consumed * batch_size
-        for batch in loader:
-            consumed += 1
-            yield epoch, consumed, batch
-        epoch, consumed = epoch + 1, 0
-
-
 # --------------------------------------------------------------------------- logging
 
 
-def _colorize(label: Tensor) -> Tensor:
-    """long [H, W] -> float [3, H, W] in [0, 1], VOC palette (255 = ignore colour)."""
-    from wsss.data.io import VOC_PALETTE
-
-    palette = torch.tensor(np.asarray(VOC_PALETTE), dtype=torch.float32) / 255
-    return palette[label.clamp(0, 255).long()].permute(2, 0, 1)
-
-
-def _heat(values: Tensor) -> Tensor:
-    """[H, W] in [0, 1] -> jet-like colours [3, H, W]."""
-    v = values.clamp(0, 1)[None]
-    centres = torch.tensor([3.0, 2.0, 1.0]).view(3, 1, 1)
-    return (1.5 - (4 * v - centres).abs()).clamp(0, 1)
-
-
-def image_grid(images: Tensor, pseudo: PseudoLabels, seg_logits: Tensor | None, cfg: Config) -> Tensor:
-    """Rows of image | CAM (max over classes) on the image | PAR label | AFA label | seg prediction."""
+def image_grid(images: Tensor, pseudo: StepLabels, seg_logits: Tensor | None, cfg: Config) -> Tensor:
+    """Rows of image | CAM (max over classes) on the image | PAR label | AFA label | seg prediction
+    (:mod:`wsss.engine.colors`) -> float [3, H', W'] in [0, 1] for TensorBoard."""
     from torchvision.utils import make_grid
 
+    from wsss.engine.colors import colorize_label, heat_overlay
+
     n = min(images.shape[0], MAX_LOGGED_IMAGES)
-    size = images.shape[-2:]
-    rgb = denormalize(images[:n].float(), cfg.data.mean, cfg.data.std).cpu()
-    cams = pseudo.cams[:n].float().amax(dim=1).cpu()
+    rgb = denormalize(images[:n].float(), cfg.data.mean, cfg.data.std).clamp(0, 1).mul(255).round()
+    rgb = rgb.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    cams = pseudo.cams[:n].float().amax(dim=1).cpu().numpy()
     label = pseudo.label[:n].cpu()
     afa = pseudo.afa_label[:n].cpu() if pseudo.afa_label is not None else torch.full_like(label, 255)
+    seg = torch.full_like(label, 255)
     if seg_logits is not None:
-        seg = F.interpolate(seg_logits[:n].float(), size=size, mode="bilinear", align_corners=False)
-        seg = seg.max(dim=1).indices.cpu()
-    else:
-        seg = torch.full_like(label, 255)
+        seg = resize(seg_logits[:n].float(), images.shape[-2:]).max(dim=1).indices.cpu()
     tiles = []
     for i in range(n):
-        tiles += [rgb[i], 0.5 * rgb[i] + 0.5 * _heat(cams[i]), _colorize(label[i]), _colorize(afa[i]),
-                  _colorize(seg[i])]
-    return make_grid(torch.stack(tiles), nrow=5, padding=2, pad_value=1.0)
+        tiles += [rgb[i], heat_overlay(rgb[i], cams[i]), colorize_label(label[i].numpy()),
+                  colorize_label(afa[i].numpy()), colorize_label(seg[i].numpy())]
+    stacked = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float().div_(255)
+    return make_grid(stacked, nrow=5, padding=2, pad_value=1.0)
 
 
 METRICS_NAME = "metrics.jsonl"
@@ -592,7 +439,7 @@ class RunLogger:
             # one W&B run per work dir: a resumed training continues it
             self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(work_dir), config=cfg.to_dict(),
                                     id=_wandb_run_id(work_dir), resume="allow", name=work_dir.name)
-        self.file = open(work_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.file = add_log_file(work_dir / "train.log")  # every "wsss" log record of the run, this line's too
         self.metrics_file = open(work_dir / METRICS_NAME, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, file=sys.stderr)
 
@@ -606,13 +453,9 @@ class RunLogger:
         self.metrics_file.flush()
 
     def line(self, text: str) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        tqdm.write(text, file=sys.stderr)
-        self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
-        self.file.flush()
+        """One line to the console and train.log (through the logging set-up of :mod:`wsss.logs`)."""
+        if self.enabled:
+            logger.info(text)
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -640,9 +483,10 @@ class RunLogger:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
-        for file in (self.file, self.metrics_file):
-            if file is not None:
-                file.close()
+        if self.file is not None:
+            remove_log_file(self.file)
+        if self.metrics_file is not None:
+            self.metrics_file.close()
 
 
 def _wandb_run_id(work_dir: Path) -> str:
@@ -830,6 +674,7 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
     started = time.perf_counter()
     tc = cfg.train
     ctx = du.init_distributed(tc.device)
+    configure_logging(ctx.rank)
     owns_group = ctx.distributed  # destroyed at the end only if it exists
     work_dir = Path(tc.work_dir)
     logs: RunLogger | None = None
@@ -996,7 +841,7 @@ def _validate(network: nn.Module, dataset: Dataset, cfg: Config, device: torch.d
     (0 = all), logged to TensorBoard / W&B (``<name>/<key>_miou``), train.log and metrics.jsonl."""
     from wsss.engine.inference import VAL_KEYS, validate
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training RNG untouched
+    with fork_rng(device):  # training RNG untouched
         results = validate(network, dataset, cfg, device, limit)
     network.train()
     mious = {k: _miou(results[k]) for k in VAL_KEYS if k in results}
@@ -1041,7 +886,7 @@ def _log_images(logs: RunLogger, network: nn.Module, batch: dict[str, Any], resu
     if pseudo is None or pseudo.afa_label is None or seg_logits is None:
         labels = batch["label"][:MAX_LOGGED_IMAGES].to(device)
         valid_box = batch["valid_box"][:MAX_LOGGED_IMAGES].to(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        with fork_rng(device), torch.no_grad():
             pseudo = make_pseudo_labels(network, images, labels, valid_box, cfg, with_afa=True)
             if seg_logits is None:  # eval mode: BatchNorm statistics untouched
                 network.eval()
@@ -1054,6 +899,6 @@ def _log_images(logs: RunLogger, network: nn.Module, batch: dict[str, Any], resu
 
 
 __all__ = [
-    "NO_TIMER", "PhaseTimer", "PseudoLabels", "StepResult", "autocast", "build_optimizer", "build_scaler",
-    "build_train_loader", "iterate_batches", "make_pseudo_labels", "seed_everything", "train", "train_step",
+    "NO_TIMER", "PhaseTimer", "StepLabels", "StepResult", "build_optimizer", "build_scaler",
+    "make_pseudo_labels", "seed_everything", "train", "train_step",
 ]

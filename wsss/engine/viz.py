@@ -25,11 +25,11 @@ through the small colour look-up table :data:`HEAT_LUT`.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import html
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,31 +43,15 @@ from tqdm import tqdm
 from wsss.config import Config
 from wsss.data.io import IGNORE_VALUE, VOC_PALETTE
 from wsss.data.transforms import EvalTransform, denormalize
+from wsss.engine.colors import colorize_label, heat_overlay
 from wsss.engine.inference import predict_seg
 from wsss.engine.metrics import ConfusionMatrix
+from wsss.engine.runtime import autocast, pseudo_label_params
 from wsss.errors import WsssError
-from wsss.method.affinity import propagate_cams
-from wsss.method.cam import multiscale_cam, refine_cams_to_label, refine_probs_to_label, scaled_par_kernel
+from wsss.method.ops import resize
+from wsss.method.pseudo_labels import cam_maps, pseudo_labels
 from wsss.models.network import AFANetwork
 
-# --------------------------------------------------------------------------- colours
-
-
-def _heat_lut() -> np.ndarray:
-    """A jet-like colour map: dark blue -> blue -> cyan -> yellow -> red -> dark red, [256, 3] uint8."""
-    anchors = np.array(
-        [[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0], [128, 0, 0]], dtype=np.float64
-    )
-    positions = np.linspace(0.0, 1.0, len(anchors))
-    x = np.linspace(0.0, 1.0, 256)
-    lut = np.stack([np.interp(x, positions, anchors[:, c]) for c in range(3)], axis=1)
-    return np.round(lut).astype(np.uint8)
-
-
-HEAT_LUT: np.ndarray = _heat_lut()  # [256, 3] uint8, value 0 -> dark blue, 1 -> dark red
-HEAT_LUT.setflags(write=False)
-
-HEAT_ALPHA = 0.5  # weight of a heat map blended on the image
 POINT_COLOURS: tuple[tuple[int, int, int], ...] = (
     (255, 255, 255), (255, 0, 255), (0, 255, 0), (255, 128, 0), (0, 255, 255), (255, 255, 0),
 )
@@ -83,28 +67,6 @@ COLUMNS = 5  # tiles per row; row 1 always has five
 BACKGROUND = (40, 40, 40)
 TEXT = (235, 235, 235)
 EMPTY_TILE = (70, 70, 70)
-
-
-def colorize_label(label: np.ndarray) -> np.ndarray:
-    """Class-index map int [H, W] (255 = ignore) -> uint8 [H, W, 3] VOC palette colours."""
-    return VOC_PALETTE[np.asarray(label).astype(np.intp) & 255]
-
-
-def heatmap(values: np.ndarray) -> np.ndarray:
-    """float [H, W] in [0, 1] (clipped) -> uint8 [H, W, 3] through :data:`HEAT_LUT`."""
-    index = np.round(np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32)), 0.0, 1.0) * 255)
-    return HEAT_LUT[index.astype(np.intp)]
-
-
-def blend(image: np.ndarray, overlay: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
-    """uint8 [H, W, 3] image, uint8 [H, W, 3] overlay -> (1 - alpha) * image + alpha * overlay."""
-    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * overlay.astype(np.float32)
-    return np.round(mixed).astype(np.uint8)
-
-
-def heat_overlay(image: np.ndarray, values: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
-    """A heat map of float [H, W] in [0, 1] blended on uint8 [H, W, 3]."""
-    return blend(image, heatmap(values), alpha)
 
 
 def mark_points(
@@ -323,12 +285,10 @@ def predicted_classes(cls_logits: Tensor, threshold: float = 0.5) -> Tensor:
 
 
 def _to_size(x: Tensor, size: Sequence[int], nearest: bool = False) -> Tensor:
-    """[B, M, h, w] -> [B, M, *size] (bilinear, or nearest-exact for label maps)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if nearest:
+    """[B, M, h, w] -> float [B, M, *size] (bilinear, or nearest-exact for label maps)."""
+    if nearest and tuple(x.shape[-2:]) != tuple(size):
         return F.interpolate(x.float(), size=tuple(size), mode="nearest-exact")
-    return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return resize(x.float(), size)
 
 
 def _label_numpy(label: Tensor, size: Sequence[int]) -> np.ndarray:
@@ -377,44 +337,32 @@ def _compute_maps(
     size = image.shape[:2]
     x = EvalTransform.from_config(cfg.data, cfg.eval.long_side)(image)[None].to(device)
     images01 = denormalize(x, cfg.data.mean, cfg.data.std)
-    if labels is None:
-        cls_logits = network(x, with_seg=False, with_affinity=False).cls_logits
-        label_t, classes_from = predicted_classes(cls_logits[0].float())[None], "prediction"
-    else:
-        label_t, classes_from = torch.as_tensor(labels, dtype=torch.float32, device=device).view(1, -1), "labels"
-    classes = [int(k) + 1 for k in torch.nonzero(label_t[0] > 0).flatten().tolist()]
+    with autocast(device, cfg.train.precision):
+        if labels is None:
+            cls_logits = network(x, with_seg=False, with_affinity=False).cls_logits
+            label_t, classes_from = predicted_classes(cls_logits[0].float())[None], "prediction"
+        else:
+            label_t, classes_from = torch.as_tensor(labels, dtype=torch.float32, device=device).view(1, -1), "labels"
+        classes = [int(k) + 1 for k in torch.nonzero(label_t[0] > 0).flatten().tolist()]
+        # the maps are display maps in the label-file convention (255 = ignore)
+        params = dataclasses.replace(pseudo_label_params(cfg), ignore_index=IGNORE_VALUE)
+        maps = cam_maps(network.cam_forward, x, label_t, params, cfg.afa.affinity_scale)
+        seg = predict_seg(network, x, [1.0], flip=False, out_size=size).max(dim=0).indices
+    cams = maps.cams
+    labels_out = pseudo_labels(images01, maps, params, with_afa=bool(classes))
+    par_label, rw_label = labels_out.label, labels_out.afa_label
 
-    grid: list[tuple[int, int]] = []  # token grid of the affinity pass
-
-    def cam_fn(images: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
-        cams, affinity = network.cam_forward(images, with_affinity)
-        if with_affinity:
-            grid.append(tuple(cams.shape[-2:]))
-        return cams, affinity
-
-    cams, affinity = multiscale_cam(cam_fn, x, label_t, cfg.cam.scales, flip=cfg.cam.flip,
-                                    affinity_scale=cfg.afa.affinity_scale)
-    ignore = IGNORE_VALUE  # the maps are display maps in the label-file convention (255 = ignore)
-    kernel = scaled_par_kernel(images01, cfg.par)  # shared by the PAR and the random-walk label
-    par_label = refine_cams_to_label(images01, cams, label_t, cfg.cam, cfg.par, ignore_index=ignore, kernel=kernel)
-    seg = predict_seg(network, x, [1.0], flip=False, out_size=size).max(dim=0).indices
-
-    rw_label = None
     points: list[tuple[int, int]] = []
     point_classes: list[int] = []
     affinity_maps = None
-    if affinity is not None and classes:
-        h, w = grid[0]
-        probs = propagate_cams(cams, label_t, affinity, (cfg.cam.bg_threshold_high, cfg.cam.bg_threshold_low),
-                               cfg.afa, grid_size=(h, w))
-        rw_label = refine_probs_to_label(images01, probs[:, 0], probs[:, 1], cfg.par, ignore_index=ignore,
-                                         kernel=kernel)
+    if maps.affinity is not None and classes:
+        h, w = maps.grid
         # query tokens: the most confident token of each shown class, and the token where
         # the strongest shown CAM is weakest (the most confident background)
         cams_grid = _to_size(cams, (h, w))[0, [c - 1 for c in classes]].flatten(1)  # [S, N]
         tokens = [*cams_grid.argmax(dim=1).tolist(), int(cams_grid.amax(dim=0).argmin())]
         point_classes = [*classes, 0]
-        rows = affinity[0, tokens].float().view(len(tokens), 1, h, w)
+        rows = maps.affinity[0, tokens].float().view(len(tokens), 1, h, w)
         affinity_maps = _to_size(rows, size)[:, 0].clamp(0, 1).cpu().numpy()
         points = [(min(size[0] - 1, int((t // w + 0.5) * size[0] / h)),
                    min(size[1] - 1, int((t % w + 0.5) * size[1] / w))) for t in tokens]
@@ -434,7 +382,7 @@ def _compute_maps(
         point_classes=point_classes,
         affinity=affinity_maps,
         gt=gt,
-        iou=image_miou(seg_label, gt, num_classes, ignore),
+        iou=image_miou(seg_label, gt, num_classes, IGNORE_VALUE),
     )
 
 
@@ -452,66 +400,14 @@ class IndexEntry:
     classes_from: str = "labels"
 
 
-_INDEX_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1em; background: #fafafa; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }}
-th {{ background: #eee; cursor: pointer; user-select: none; }}
-th.sorted-asc::after {{ content: " \\25B2"; }}
-th.sorted-desc::after {{ content: " \\25BC"; }}
-td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-img.thumb {{ width: 360px; }}
-</style>
-</head>
-<body>
-<h1>{title}</h1>
-<p>{summary}</p>
-<p>Click a column header to sort; rows start worst first (lowest per-image mIoU, images without
-ground truth last). Per-image mIoU: mean IoU of the segmentation prediction over the classes present in the
-prediction or the ground truth of that image.</p>
-<table id="panels">
-<thead><tr><th data-type="num">#</th><th data-type="text">image</th><th data-type="num" class="sorted-asc">mIoU</th>
-<th data-type="text">classes</th><th data-type="none">panel</th></tr></thead>
-<tbody>
-{rows}
-</tbody>
-</table>
-<script>
-(function () {{
-  const table = document.getElementById("panels");
-  const headers = table.tHead.rows[0].cells;
-  for (let col = 0; col < headers.length; col++) {{
-    const th = headers[col];
-    if (th.dataset.type === "none") continue;
-    th.addEventListener("click", function () {{
-      const asc = !th.classList.contains("sorted-asc");
-      for (const other of headers) other.classList.remove("sorted-asc", "sorted-desc");
-      th.classList.add(asc ? "sorted-asc" : "sorted-desc");
-      const body = table.tBodies[0];
-      const rows = Array.from(body.rows);
-      const key = r => r.cells[col].dataset.sort;
-      rows.sort(function (a, b) {{
-        let x = key(a), y = key(b);
-        if (th.dataset.type === "num") {{
-          // n/a (empty) always last, whichever direction
-          if (x === "" || y === "") return (x === "") - (y === "");
-          x = parseFloat(x); y = parseFloat(y);
-        }}
-        return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1);
-      }});
-      for (const r of rows) body.appendChild(r);
-    }});
-  }}
-}})();
-</script>
-</body>
-</html>
-"""
+INDEX_TEMPLATE = "viz_index.html"  # package resource in wsss/engine/templates/, str.format fields: title, summary, rows
+
+
+def _index_template() -> str:
+    from importlib import resources
+
+    return resources.files("wsss.engine").joinpath("templates", INDEX_TEMPLATE).read_text(encoding="utf-8")
+
 
 
 def sort_entries(entries: Sequence[IndexEntry]) -> list[IndexEntry]:
@@ -541,7 +437,7 @@ def write_index(out_dir: str | Path, entries: Sequence[IndexEntry], title: str =
             f'<td><a href="{href}"><img class="thumb" src="{href}" alt="{html.escape(entry.name, quote=True)}" '
             f'loading="lazy"></a></td></tr>'
         )
-    page = _INDEX_TEMPLATE.format(title=html.escape(title), summary=html.escape(summary), rows="\n".join(rows))
+    page = _index_template().format(title=html.escape(title), summary=html.escape(summary), rows="\n".join(rows))
     path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     (out_dir / "index.json").write_text(
@@ -595,6 +491,7 @@ def visualize(
     from wsss.data.io import read_image
     from wsss.engine.checkpoint import load_network
     from wsss.engine.distributed import resolve_device
+    from wsss.engine.runner import run_over_split
 
     images = [Path(p) for p in images]
     if (split is None) == (not images):
@@ -606,7 +503,6 @@ def visualize(
     network.to(device).eval()
     class_names = list(meta["class_names"]) or [f"class {c}" for c in range(meta["num_classes"])]
 
-    items: list[tuple[str, Callable[[], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]]] = []
     if split is not None:
         dataset = build_dataset(cfg.data, split, train=False)
         if dataset.num_classes != network.num_classes:
@@ -616,28 +512,24 @@ def visualize(
         class_names = dataset.class_names
         count = len(dataset) if limit <= 0 else min(limit, len(dataset))
 
-        def load_item(i: int):
-            if not dataset.has_masks:
-                return dataset.load_image(i), None, None
-            return dataset.load_image(i), dataset.image_labels[i], dataset.load_mask(i)
+        def maps_of(item: dict) -> ImageMaps:
+            labels, gt = (item["label"], item["mask"].numpy()) if dataset.has_masks else (None, None)
+            return compute_maps(network, np.asarray(item["raw"]), cfg, class_names, labels=labels, gt=gt)
 
-        items = [(dataset.names[i], functools.partial(load_item, i)) for i in range(count)]
+        outputs = run_over_split(dataset, range(count), maps_of, device, cfg.train.precision,
+                                 num_workers=cfg.data.num_workers, raw_image=True)
+        named = ((item["name"], maps) for item, maps in outputs)
     else:
         for path in images:
             read_image(path)  # a missing or unreadable file fails now, before any work
-
-        def load_file(path: Path):
-            return read_image(path), None, None
-
-        items = [(path.stem, functools.partial(load_file, path)) for path in images]
+        count = len(images)
+        named = ((path.stem, compute_maps(network, read_image(path), cfg, class_names)) for path in images)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     entries = []
-    for name, load in tqdm(items, desc="viz", unit="img"):
-        image, labels, gt = load()
-        maps = compute_maps(network, image, cfg, class_names, labels=labels, gt=gt)
+    for name, maps in tqdm(named, total=count, desc="viz", unit="img"):
         panel = f"{_file_stem(name, taken)}.png"
         render_panel(maps, panel_title(name, maps), tile_size).save(out_dir / panel)
         entries.append(IndexEntry(name, panel, maps.iou, [class_names[c] for c in maps.classes], maps.classes_from))

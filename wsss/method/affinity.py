@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss.config import AfaConfig
 from wsss.method.cam import cams_with_background
+from wsss.method.ops import resize
 
 
 @lru_cache(maxsize=32)
@@ -96,7 +96,9 @@ def propagate_cams(
     labels: Tensor,
     affinity: Tensor,
     bg_score: float | Sequence[float],
-    afa_cfg: AfaConfig,
+    radius: int,
+    power: int,
+    eps: float,
     grid_size: Sequence[int] | None = None,
 ) -> Tensor:
     """Random-walk propagation of CAMs with the predicted affinity (no gradient to the affinity).
@@ -105,22 +107,19 @@ def propagate_cams(
     grid_size (h, w) with h * w = N (default: the CAMs' own size). The CAMs are resized
     (bilinear) to the grid, a background channel (= bg_score) is prepended, softmax over
     background + present classes (absent -> exactly 0), then ``random_walk`` with
-    afa_cfg.radius / rw_power / rw_eps.
+    ``radius`` / ``power`` / ``eps`` (``afa.radius`` / ``afa.rw_power`` / ``afa.rw_eps``).
     -> probs [B, C, h, w] for one bg_score, or [B, S, C, h, w] for a sequence of S scores
-    (the transition matrix is built once and shared).
+    (one walk over all S x C channels: the transition matrix is built once).
     """
     h, w = grid_size if grid_size is not None else cams.shape[-2:]
     if h * w != affinity.shape[-1]:
         raise ValueError(f"affinity of shape {tuple(affinity.shape)} does not fit a {h}x{w} token grid")
-    cams = cams.float()
-    if tuple(cams.shape[-2:]) != (h, w):
-        cams = F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)
+    cams = resize(cams.float(), (h, w))
     single = isinstance(bg_score, (int, float))
     scores = [float(bg_score)] if single else [float(s) for s in bg_score]
     probs = cams_with_background(cams, labels, scores)  # [B, S, C, h, w]
     b, s, c = probs.shape[:3]
-    t = transition_matrix(affinity.detach(), (h, w), afa_cfg.radius, afa_cfg.rw_power, afa_cfg.rw_eps)
-    out = torch.bmm(probs.reshape(b, s * c, h * w), t).view(b, s, c, h, w)
+    out = random_walk(probs.reshape(b, s * c, h, w), affinity.detach(), radius, power, eps).view(b, s, c, h, w)
     return out[:, 0] if single else out
 
 

@@ -1,7 +1,7 @@
 """Class activation maps and the pseudo labels made from them (AFA, Ru et al., CVPR 2022, sec. 3.1 / 3.3).
 
 - ``multiscale_cam``: multi-scale + flip CAMs, min-max normalized per class, absent classes zero.
-- ``cam_to_label``: one background threshold (evaluation).
+- ``cam_scores``: CAMs with a constant background score (evaluation; argmax = the CAM label).
 - ``refine_cams_to_label``: the training pseudo label: background channel at a high and a low
   threshold, softmax over background + present classes, PAR, high/low combination.
 - ``refine_probs_to_label``: the same combination for already-propagated probabilities
@@ -9,18 +9,20 @@
 - ``ignore_outside_box``: ignore the padding of a padded crop.
 
 Shapes: B batch, K foreground classes, C = K + 1 (background = channel 0), H x W input size.
+The steps are put together, once, in :mod:`wsss.method.pseudo_labels`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss.config import CamConfig, ParConfig
-from wsss.method.par import apply_par_kernel, par_kernel
+from wsss.method.ops import resize, scaled_size
+from wsss.method.par import ParKernel, ParParams, apply_par_kernel, par_kernel
 
 # Min-max normalization guard: cam / (max + 1e-5) (reference value).
 CAM_NORM_EPS = 1e-5
@@ -28,15 +30,10 @@ CAM_NORM_EPS = 1e-5
 CamFn = Callable[[Tensor, bool], "tuple[Tensor, Tensor | None]"]
 
 
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
-    """(int(h * scale), int(w * scale)), at least 1 pixel (the reference code's rounding)."""
-    return max(1, int(size[0] * scale)), max(1, int(size[1] * scale))
+class MultiScaleCams(NamedTuple):
+    cams: Tensor  # [B, K, H, W] float32 in [0, 1]
+    affinity: Tensor | None  # [B, N, N] of the affinity_scale pass (non-flipped half), or None
+    grid: tuple[int, int] | None  # the token grid (h, w) of that pass, h * w = N
 
 
 def multiscale_cam(
@@ -57,8 +54,9 @@ def multiscale_cam(
     cam_fn call (batch 2B); CAMs are resized to H x W, the flipped half is un-flipped and
     the elementwise max taken, then ReLU. The scales are summed, each channel is min-max
     normalized ((cam - min) / (max + 1e-5)) and absent classes are zeroed.
-    -> cams [B, K, H, W] float32 in [0, 1]; affinity [B, N, N] of the ``affinity_scale``
-    pass (non-flipped half; asked for at that scale only), or None.
+    -> MultiScaleCams: cams [B, K, H, W] float32 in [0, 1]; affinity [B, N, N] of the
+    ``affinity_scale`` pass (non-flipped half; asked for at that scale only) and its token
+    grid (the raw CAMs' size in that pass), or None.
     """
     if not scales:
         raise ValueError("multiscale_cam needs at least one scale")
@@ -67,26 +65,26 @@ def multiscale_cam(
     b = images.shape[0]
     size = images.shape[-2:]
     total: Tensor | None = None
-    affinity = None
+    affinity = grid = None
     with torch.no_grad():
         for scale in scales:
-            x = images if scale == 1.0 else _resize(images, scaled_size(size, scale))
+            x = images if scale == 1.0 else resize(images, scaled_size(size, scale))
             if flip:
                 x = torch.cat([x, x.flip(-1)], dim=0)
             with_affinity = affinity_scale is not None and scale == affinity_scale
             cams, aff = cam_fn(x, with_affinity)
-            cams = _resize(cams.float(), size)
+            if with_affinity and aff is not None:
+                affinity, grid = aff[:b], (int(cams.shape[-2]), int(cams.shape[-1]))
+            cams = resize(cams.float(), size)
             if flip:
                 cams = torch.maximum(cams[:b], cams[b:].flip(-1))
-            if with_affinity:
-                affinity = aff[:b] if aff is not None else None
             cams = F.relu(cams)
             total = cams if total is None else total.add_(cams)
         assert total is not None
         total = total - total.amin(dim=(-2, -1), keepdim=True)
         total = total / (total.amax(dim=(-2, -1), keepdim=True) + CAM_NORM_EPS)
         total = total * labels.to(total.dtype)[:, :, None, None]
-    return total, affinity
+    return MultiScaleCams(total, affinity, grid)
 
 
 def box_mask(valid_box: Tensor, size: Sequence[int]) -> Tensor:
@@ -106,23 +104,15 @@ def ignore_outside_box(label: Tensor, valid_box: Tensor | None, ignore_index: in
     return label.masked_fill(~box_mask(valid_box.to(label.device), label.shape[-2:]), ignore_index)
 
 
-def cam_to_label(
-    cams: Tensor,
-    labels: Tensor,
-    bg_threshold: float,
-    valid_box: Tensor | None = None,
-    ignore_index: int = 255,
-) -> Tensor:
-    """cams [B, K, H, W] in [0, 1], labels [B, K] -> long [B, H, W] in 0..K (+ ignore outside the box).
+def cam_scores(cams: Tensor, labels: Tensor, bg_score: float) -> Tensor:
+    """cams [B, K, h, w] in [0, 1], labels [B, K] -> scores [B, C, h, w] float32: a constant
+    background channel (= bg_score) before the label-masked CAMs.
 
-    The argmax over a constant background channel (= bg_threshold) and the label-masked CAMs:
-    a pixel is class k + 1 if cam_k is the largest present CAM and exceeds the threshold,
-    else background (ties go to background).
+    Their argmax is the evaluation CAM label: class k + 1 where cam_k is the largest present
+    CAM and exceeds bg_score, else background (ties go to background, the first channel).
     """
-    valid = cams.float() * labels.float()[:, :, None, None]
-    score, index = valid.max(dim=1)
-    label = torch.where(score > bg_threshold, index + 1, torch.zeros_like(index))
-    return ignore_outside_box(label, valid_box, ignore_index)
+    cams = cams.float() * labels.float()[:, :, None, None]
+    return torch.cat([torch.full_like(cams[:, :1], float(bg_score)), cams], dim=1)
 
 
 def cams_with_background(cams: Tensor, labels: Tensor, bg_scores: Sequence[float]) -> Tensor:
@@ -153,35 +143,42 @@ def combine_high_low(label_high: Tensor, label_low: Tensor, ignore_index: int = 
     )
 
 
-def scaled_par_kernel(images01: Tensor, par_cfg: ParConfig) -> Tensor:
-    """The PAR kernel of images01 [B, 3, H, W] at par_cfg.scale -> [B, n, h, w].
+def scaled_par_kernel(images01: Tensor, par: ParParams) -> ParKernel:
+    """The PAR kernel of images01 [B, 3, H, W] at par.scale of H x W.
 
     Pass it as ``kernel`` to several pseudo-label calls on the same images (the CAM and the
     AFA branch of one training step) to compute it once.
     """
-    images = _resize(images01.float(), scaled_size(images01.shape[-2:], par_cfg.scale))
-    return par_kernel(images, par_cfg.dilations, par_cfg.w1, par_cfg.w2)
+    images = resize(images01.float(), scaled_size(images01.shape[-2:], par.scale))
+    return par_kernel(images, par.dilations, par.w1, par.w2)
+
+
+def refine_probs(probs: Tensor, kernel: ParKernel, iterations: int, align_corners: bool = False) -> Tensor:
+    """probs [B, M, h, w] -> PAR-refined [B, M, h', w'] float32 at the kernel's size (h' x w').
+
+    The probabilities are resized (bilinear) to the kernel's size first.
+    """
+    return apply_par_kernel(resize(probs.float(), kernel.size, align_corners), kernel, iterations)
 
 
 def _par_high_low_label(
     images01: Tensor,
     probs: Tensor,
-    par_cfg: ParConfig,
+    par: ParParams,
     valid_box: Tensor | None,
     ignore_index: int,
-    kernel: Tensor | None,
+    kernel: ParKernel | None,
 ) -> Tensor:
     """images01 [B, 3, H, W], probs [B, 2, C, h, w] (high, low) -> long [B, H, W].
 
-    PAR at par_cfg.scale of H x W (one call for both sets), upsample, argmax, combine, box.
+    PAR at par.scale of H x W (one call for both sets), upsample, argmax, combine, box.
     """
     b, s, c = probs.shape[:3]
     size = images01.shape[-2:]
     if kernel is None:
-        kernel = scaled_par_kernel(images01, par_cfg)
-    masks = _resize(probs.reshape(b, s * c, *probs.shape[-2:]).float(), kernel.shape[-2:])
-    refined = apply_par_kernel(masks, kernel, par_cfg.dilations, par_cfg.iterations)
-    refined = _resize(refined, size).view(b, s, c, *size)
+        kernel = scaled_par_kernel(images01, par)
+    refined = refine_probs(probs.reshape(b, s * c, *probs.shape[-2:]), kernel, par.iterations)
+    refined = resize(refined, size).view(b, s, c, *size)
     # max(...).indices: the same first-maximum index as argmax, ~10x faster on CPU over a non-last dim
     label_high, label_low = refined.max(dim=2).indices.unbind(dim=1)
     return ignore_outside_box(combine_high_low(label_high, label_low, ignore_index), valid_box, ignore_index)
@@ -191,11 +188,11 @@ def refine_cams_to_label(
     images01: Tensor,
     cams: Tensor,
     labels: Tensor,
-    cam_cfg: CamConfig,
-    par_cfg: ParConfig,
+    bg_thresholds: tuple[float, float],
+    par: ParParams,
     valid_box: Tensor | None = None,
     ignore_index: int = 255,
-    kernel: Tensor | None = None,
+    kernel: ParKernel | None = None,
 ) -> Tensor:
     """The PAR-refined CAM pseudo label (docs/method.md sec. 3).
 
@@ -203,34 +200,27 @@ def refine_cams_to_label(
     labels [B, K]; valid_box long [B, 4] or None -> long [B, H, W] with 0 = background,
     1..K = classes, ignore_index = uncertain or padding.
 
-    CAMs are resized to par_cfg.scale of H x W; a background channel at
-    cam_cfg.bg_threshold_high and one at bg_threshold_low give two probability sets
+    CAMs are resized to par.scale of H x W; a background channel at the high and one at
+    the low threshold of ``bg_thresholds`` (high, low) give two probability sets
     (softmax over background + present classes), both refined by ONE PAR call, upsampled
     back, argmaxed and combined: foreground only where it beats the high threshold,
     background only where it loses even to the low one, the band in between ignored.
-    ``kernel``: ``scaled_par_kernel(images01, par_cfg)`` when the caller already has it.
+    ``kernel``: ``scaled_par_kernel(images01, par)`` when the caller already has it.
     """
-    par_size = scaled_size(images01.shape[-2:], par_cfg.scale)
-    cams = _resize(cams.float(), par_size)
-    probs = cams_with_background(cams, labels, (cam_cfg.bg_threshold_high, cam_cfg.bg_threshold_low))
-    return _par_high_low_label(images01, probs, par_cfg, valid_box, ignore_index, kernel)
-
-
-def _resize_corners(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear resize with align_corners=True (the official AFA branch's PAR resize, see below)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+    par_size = scaled_size(images01.shape[-2:], par.scale)
+    cams = resize(cams.float(), par_size)
+    probs = cams_with_background(cams, labels, bg_thresholds)
+    return _par_high_low_label(images01, probs, par, valid_box, ignore_index, kernel)
 
 
 def refine_probs_to_label(
     images01: Tensor,
     probs_high: Tensor,
     probs_low: Tensor,
-    par_cfg: ParConfig,
+    par: ParParams,
     valid_box: Tensor | None = None,
     ignore_index: int = 255,
-    kernel: Tensor | None = None,
+    kernel: ParKernel | None = None,
 ) -> Tensor:
     """The AFA-branch pseudo label from propagated probabilities (docs/method.md, "AFA label").
 
@@ -240,17 +230,17 @@ def refine_probs_to_label(
 
     As the official code (``refine_cams_with_cls_label``): the probabilities are upsampled to
     H x W, then each image is cropped to its valid box, so that PAR never sees the padding of
-    a padded crop: the box's image is resized to par_cfg.scale of the box size, the box's
+    a padded crop: the box's image is resized to par.scale of the box size, the box's
     probabilities to that size with align_corners=True (the official PAR's resize, used
     only in this branch), both probability sets are refined with the box's kernel in one
     call, resized back to the box (align_corners=False), argmaxed and combined with
     ``combine_high_low``; outside the box the label is ``ignore_index``. ``kernel``
-    (``scaled_par_kernel(images01, par_cfg)``) is reused for images whose box is the whole
+    (``scaled_par_kernel(images01, par)``) is reused for images whose box is the whole
     image (there the box's kernel is that kernel).
     """
     b, c = probs_high.shape[:2]
     size = tuple(images01.shape[-2:])
-    probs = torch.cat([_resize(probs_high.float(), size), _resize(probs_low.float(), size)], dim=1)  # [B, 2C, H, W]
+    probs = torch.cat([resize(probs_high.float(), size), resize(probs_low.float(), size)], dim=1)  # [B, 2C, H, W]
     boxes = valid_box.tolist() if valid_box is not None else [[0, size[0], 0, size[1]]] * b
     label = torch.full((b, *size), ignore_index, dtype=torch.long, device=probs.device)
     for i, (y0, y1, x0, x1) in enumerate(boxes):  # per image: boxes differ in size (B is 1-2 per process)
@@ -258,13 +248,10 @@ def refine_probs_to_label(
             continue
         whole = (y0, y1, x0, x1) == (0, size[0], 0, size[1])
         box_image = images01[i : i + 1, :, y0:y1, x0:x1]
-        if whole and kernel is not None:
-            box_kernel = kernel[i : i + 1]
-        else:
-            box_kernel = scaled_par_kernel(box_image, par_cfg)
-        masks = _resize_corners(probs[i : i + 1, :, y0:y1, x0:x1], box_kernel.shape[-2:])
-        refined = apply_par_kernel(masks, box_kernel, par_cfg.dilations, par_cfg.iterations)
-        refined = _resize(refined, (y1 - y0, x1 - x0)).view(2, c, y1 - y0, x1 - x0)
+        box_kernel = kernel.select(i) if whole and kernel is not None else scaled_par_kernel(box_image, par)
+        # align_corners=True: the official PAR's resize, used only in this branch
+        refined = refine_probs(probs[i : i + 1, :, y0:y1, x0:x1], box_kernel, par.iterations, align_corners=True)
+        refined = resize(refined, (y1 - y0, x1 - x0)).view(2, c, y1 - y0, x1 - x0)
         # max(...).indices: the same first-maximum index as argmax, ~10x faster on CPU over a non-last dim
         label_high, label_low = refined.max(dim=1).indices
         label[i, y0:y1, x0:x1] = combine_high_low(label_high, label_low, ignore_index)
@@ -272,6 +259,7 @@ def refine_probs_to_label(
 
 
 __all__ = [
-    "CAM_NORM_EPS", "box_mask", "cam_to_label", "cams_with_background", "combine_high_low", "ignore_outside_box",
-    "multiscale_cam", "refine_cams_to_label", "refine_probs_to_label", "scaled_par_kernel", "scaled_size",
+    "CAM_NORM_EPS", "MultiScaleCams", "box_mask", "cam_scores", "cams_with_background", "combine_high_low",
+    "ignore_outside_box", "multiscale_cam", "refine_cams_to_label", "refine_probs", "refine_probs_to_label",
+    "scaled_par_kernel",
 ]

@@ -30,18 +30,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss.config import ParConfig
-
 # The 3x3 stencil without its centre, row-major: the neighbour order of the reference code.
 STENCIL = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 # Guards the divisions by a standard deviation (reference value).
 STD_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class ParParams:
+    """PAR's settings (``par`` section of the config): neighbour dilations, the kernel's w1 / w2,
+    the number of updates and the fraction of the input resolution PAR runs at."""
+
+    dilations: tuple[int, ...]
+    w1: float
+    w2: float
+    iterations: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class ParKernel:
+    """A pixel-adaptive kernel and the dilations it was built for (``par_kernel``).
+
+    weights [B, n, H, W] float32, n = 8 * len(dilations): weights[:, j] is the weight of
+    neighbour j (order of ``neighbour_offsets``); rows sum to 1 + w2.
+    """
+
+    weights: Tensor
+    dilations: tuple[int, ...]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.weights.shape[-2]), int(self.weights.shape[-1])
+
+    def select(self, index: int) -> ParKernel:
+        """The kernel of image ``index`` alone (batch of 1)."""
+        return ParKernel(self.weights[index : index + 1], self.dilations)
 
 
 def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
@@ -82,13 +113,14 @@ def position_kernel(dilations: Sequence[int], w1: float, w2: float, device: torc
     return _position_kernel(tuple(int(d) for d in dilations), float(w1), float(w2), torch.device(device or "cpu"))
 
 
-def par_kernel(images: Tensor, dilations: Sequence[int], w1: float, w2: float) -> Tensor:
+def par_kernel(images: Tensor, dilations: Sequence[int], w1: float, w2: float) -> ParKernel:
     """Pixel-adaptive kernel of the images.
 
     images [B, 3, H, W] RGB in [0, 1] (any per-channel affine normalization gives the same
-    kernel, up to the 1e-8 guard) -> kernel [B, n, H, W] float32 with n = 8 * len(dilations),
-    kernel[:, j] the weight of neighbour j (order of ``neighbour_offsets``); rows sum to 1 + w2.
+    kernel, up to the 1e-8 guard) -> ParKernel with weights [B, n, H, W] float32,
+    n = 8 * len(dilations).
     """
+    dilations = tuple(int(d) for d in dilations)
     images = images.float()
     b, c, h, w = images.shape
     n = len(dilations) * len(STENCIL)
@@ -109,25 +141,23 @@ def par_kernel(images: Tensor, dilations: Sequence[int], w1: float, w2: float) -
         scaled = (view - images).mul_(inv_sigma).square_()  # (|I_i - I_j| / sigma_i)^2 per channel
         k_rgb[:, j] = scaled.sum(dim=1)
     k_rgb.mul_(-1.0 / (c * w1 * w1))  # mean over RGB of -(... / w1)^2
-    kernel = k_rgb.softmax(dim=1)
-    return kernel.add_(position_kernel(dilations, w1, w2, kernel.device).view(1, n, 1, 1))
+    weights = k_rgb.softmax(dim=1)
+    weights.add_(position_kernel(dilations, w1, w2, weights.device).view(1, n, 1, 1))
+    return ParKernel(weights, dilations)
 
 
-def apply_par_kernel(masks: Tensor, kernel: Tensor, dilations: Sequence[int], iterations: int) -> Tensor:
-    """masks [B, M, H, W], kernel [B, n, H, W] from ``par_kernel`` -> refined masks [B, M, H, W] float32.
+def apply_par_kernel(masks: Tensor, kernel: ParKernel, iterations: int) -> Tensor:
+    """masks [B, M, H, W], kernel from ``par_kernel`` (same B, H, W) -> refined masks [B, M, H, W] float32.
 
     ``iterations`` times m_i <- sum_j kernel(i, j) m_j, every mask of an image with that
     image's kernel.
     """
     masks = masks.float()
-    kernel = kernel.float()
-    n = kernel.shape[1]
-    if n != len(dilations) * len(STENCIL) or kernel.shape[-2:] != masks.shape[-2:]:
-        raise ValueError(
-            f"PAR kernel of shape {tuple(kernel.shape)} does not fit masks {tuple(masks.shape)} "
-            f"and dilations {list(dilations)} (expected [B, {len(dilations) * len(STENCIL)}, H, W])"
-        )
-    weights = [kernel[:, j : j + 1] for j in range(n)]  # [B, 1, H, W] each, broadcast over M
+    dilations = kernel.dilations
+    if kernel.size != tuple(masks.shape[-2:]) or kernel.weights.shape[0] != masks.shape[0]:
+        raise ValueError(f"PAR kernel of shape {tuple(kernel.weights.shape)} does not fit masks {tuple(masks.shape)}")
+    n = kernel.weights.shape[1]
+    weights = [kernel.weights[:, j : j + 1].float() for j in range(n)]  # [B, 1, H, W] each, broadcast over M
     for _ in range(iterations):
         views = _shifted_views(masks, dilations)
         out = torch.mul(next(views), weights[0])
@@ -137,25 +167,7 @@ def apply_par_kernel(masks: Tensor, kernel: Tensor, dilations: Sequence[int], it
     return masks
 
 
-def refine_with_par(images: Tensor, masks: Tensor, par_cfg: ParConfig) -> Tensor:
-    """PAR at the images' resolution.
-
-    images [B, 3, H, W] RGB in [0, 1]; masks [B, M, h, w] (any number M of masks per image,
-    e.g. the class probabilities of several thresholds stacked), bilinearly resized to
-    H x W when h x w differs -> refined masks [B, M, H, W] float32. The kernel is computed
-    once and applied to all M masks. Callers pick the resolution (``par_cfg.scale`` of the
-    input in the pseudo-label functions of ``wsss.method.cam``). Callers that refine several
-    mask sets of the same images compute ``par_kernel`` once and call ``apply_par_kernel``.
-    """
-    size = images.shape[-2:]
-    masks = masks.float()
-    if masks.shape[-2:] != size:
-        masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-    kernel = par_kernel(images, par_cfg.dilations, par_cfg.w1, par_cfg.w2)
-    return apply_par_kernel(masks, kernel, par_cfg.dilations, par_cfg.iterations)
-
-
 __all__ = [
-    "STENCIL", "apply_par_kernel", "neighbour_distances", "neighbour_offsets", "par_kernel",
-    "position_kernel", "refine_with_par",
+    "STENCIL", "ParKernel", "ParParams", "apply_par_kernel", "neighbour_distances", "neighbour_offsets",
+    "par_kernel", "position_kernel",
 ]
