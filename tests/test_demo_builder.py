@@ -11,11 +11,20 @@ from PIL import Image
 
 from wsss.config import load_config
 from wsss.data.datasets import build_dataset
-from wsss.data.demo import CLASS_COLOURS, build_demo_dataset
+from wsss.data.demo import (
+    CLASS_COLOURS,
+    DEMO_VARIANTS,
+    DemoOptions,
+    build_demo_dataset,
+    demo_variant,
+)
 from wsss.data.io import read_label_png
 from wsss.errors import WsssError
 
 SMALL = {"num_train": 24, "num_val": 8, "image_size": 64}
+# sha256 of meta.json of the default dataset (options, and every object's MNIST index, class and box): the
+# README's demo figures were measured on it; a change to the generator's default output shows here.
+DEFAULT_META_SHA256 = "2ce757766fa699f0720be87a5671d3ab8f8a946ac747baca4c5af4b7ef5c3905"
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -151,3 +160,122 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
 def test_bad_options_are_one_line_errors(tmp_path, options, expected):
     with pytest.raises(WsssError, match=expected):
         build_demo_dataset(tmp_path / "d", **{**SMALL, **options})
+
+
+def masks_of(root: Path, split: str) -> list[np.ndarray]:
+    names = (root / "ImageSets/Segmentation" / f"{split}.txt").read_text().split()
+    return [read_label_png(root / "SegmentationClass" / f"{n}.png") for n in names]
+
+
+def test_default_dataset_is_unchanged(default_demo):
+    import hashlib
+
+    meta = (default_demo / "meta.json").read_bytes()
+    assert "grayscale" not in json.loads(meta)["options"]  # options added later are recorded only when set
+    assert hashlib.sha256(meta).hexdigest() == DEFAULT_META_SHA256
+
+
+def test_options_object_and_keywords_build_the_same_files(tmp_path):
+    options = DemoOptions(seed=5, num_classes=3, **SMALL)
+    a = files_of(build_demo_dataset(tmp_path / "a", options))
+    b = files_of(build_demo_dataset(tmp_path / "b", seed=5, num_classes=3, **SMALL))
+    c = files_of(build_demo_dataset(tmp_path / "c", DemoOptions(seed=5, **SMALL), num_classes=3))
+    assert a == b == c
+    two = DemoOptions(num_classes=2, object_size=[0.3, 0.5], digits=[3, 8])
+    assert two.object_size == (0.3, 0.5) and two.digits == (3, 8)  # sequences are stored as tuples
+
+
+@pytest.mark.parametrize("call,expected", [
+    (lambda out: build_demo_dataset(out, colour=True), "unknown demo dataset option 'colour'"),
+    (lambda out: build_demo_dataset(out, 3), "options must be a DemoOptions"),
+    (lambda out: demo_variant("huge"), "unknown demo variant 'huge'"),
+    (lambda out: DemoOptions(stroke_dilation=0.5), "stroke_dilation must be in"),
+])
+def test_bad_calls_are_one_line_errors(tmp_path, call, expected):
+    with pytest.raises(WsssError, match=expected) as info:
+        call(tmp_path / "d")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "d").exists()
+
+
+def test_cli_defaults_are_the_generators():
+    import typer.main
+
+    from wsss.cli import app
+
+    command = typer.main.get_command(app).commands["data"].commands["demo"]
+    defaults = {p.name: p.default for p in command.params}
+    o = DemoOptions()
+    assert defaults == {
+        "out": None, "seed": o.seed, "num_classes": o.num_classes, "image_size": o.image_size,
+        "num_train": o.num_train, "num_val": o.num_val, "min_objects": o.objects_per_image[0],
+        "max_objects": o.objects_per_image[1], "min_object_size": o.object_size[0],
+        "max_object_size": o.object_size[1], "texture": o.texture, "random_colours": o.random_colours,
+        "grayscale": o.grayscale}
+
+
+def test_variants_change_only_their_own_options():
+    default = DemoOptions().record()
+    for name, changes in DEMO_VARIANTS.items():
+        record = demo_variant(name).record()
+        changed = {k for k in record.keys() | default.keys() if record.get(k) != default.get(k)}
+        changed -= {"digits"} if "num_classes" in changes else set()  # the digits follow the class count
+        assert changed == set(changes), name
+    assert demo_variant("gray", num_train=30).num_train == 30
+
+
+def test_grayscale_is_the_colour_dataset_in_grey_levels(tmp_path):
+    gray = build_demo_dataset(tmp_path / "gray", seed=1, grayscale=True, texture=True, **SMALL)
+    colour = build_demo_dataset(tmp_path / "colour", seed=1, texture=True, **SMALL)
+    assert json.loads((gray / "meta.json").read_text())["options"]["grayscale"] is True
+    assert objects(gray) == objects(colour)  # same layout, digits and masks: only the pixels' colour differs
+    for name in objects(gray)["train"]:
+        a = Image.open(gray / "JPEGImages" / f"{name}.jpg")
+        assert a.mode == "RGB"
+        pixels = np.asarray(a).astype(int)
+        assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all(), name
+        rgb = np.asarray(Image.open(colour / "JPEGImages" / f"{name}.jpg")).astype(float)
+        luma = rgb @ np.array([0.299, 0.587, 0.114])
+        assert np.abs(pixels[..., 0] - luma).mean() < 3, name  # BT.601 grey levels of the colour image
+        assert (read_label_png(gray / "SegmentationClass" / f"{name}.png")
+                == read_label_png(colour / "SegmentationClass" / f"{name}.png")).all()
+
+
+def test_cli_grayscale_flag(tmp_path, wsss_here):
+    out = wsss_here("data", "demo", str(tmp_path / "d"), "--grayscale", "--num-train", "12", "--num-val", "4",
+                    "--image-size", "48")
+    assert out.returncode == 0, out.stderr
+    pixels = np.asarray(Image.open(tmp_path / "d/JPEGImages/train_0000.jpg")).astype(int)
+    assert (pixels[..., 0] == pixels[..., 2]).all() and pixels.std() > 0
+
+
+def test_max_objects_per_image_is_respected(tmp_path):
+    root = build_demo_dataset(tmp_path / "d", objects_per_image=(3, 4), object_size=(0.15, 0.25), **SMALL)
+    for split in ("train", "val"):
+        counts = [len(objs) for objs in objects(root)[split].values()]
+        assert max(counts) == 4 and min(counts) >= 2, (split, counts)  # a rare third may find no free spot
+    for mask in masks_of(root, "train"):
+        assert len(set(np.unique(mask).tolist()) - {0}) <= 3  # K = 4: at most K - 1 classes per image
+    crowded = objects(build_demo_dataset(tmp_path / "c", demo_variant("crowded", **SMALL)))
+    assert max(len(objs) for split in crowded.values() for objs in split.values()) <= 4
+
+
+def test_ten_classes_are_named_and_in_the_masks(tmp_path):
+    root = build_demo_dataset(tmp_path / "d", demo_variant("classes10", num_train=80, num_val=30, image_size=64))
+    assert (root / "classes.txt").read_text().split() == [
+        "background", "zero", "one", "four", "seven", "three", "eight", "two", "five", "six", "nine"]
+    for split in ("train", "val"):
+        seen = set().union(*(np.unique(m).tolist() for m in masks_of(root, split)))
+        assert seen == set(range(11)), split
+
+
+def test_small_variant_objects_are_two_to_three_tokens_long(tmp_path):
+    root = build_demo_dataset(tmp_path / "d", demo_variant("small", num_train=24, num_val=8))
+    sides = []
+    for name, objs in objects(root)["train"].items():
+        mask = read_label_png(root / "SegmentationClass" / f"{name}.png")
+        for o in objs:
+            y0, y1, x0, x1 = o["box"]
+            ys, xs = np.nonzero(mask[y0:y1, x0:x1] == o["class"])
+            sides.append(max(np.ptp(ys), np.ptp(xs)) + 1)  # the mask's extent inside the object's box
+    assert 32 <= min(sides) and max(sides) <= 48, sorted(sides)  # 2-3 tokens of 16 px at 128 px

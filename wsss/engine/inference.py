@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from wsss.config import Config
+from wsss.data.io import read_label_png
 from wsss.data.transforms import denormalize
 from wsss.engine.distributed import barrier, joined, rank_and_world, sum_over_ranks
 from wsss.engine.metrics import ConfusionMatrix
@@ -285,6 +286,17 @@ def default_pseudo_label_dir(checkpoint: str | Path, split: str, method: str) ->
     return Path(checkpoint).resolve().parent / "pseudo_labels" / f"{split}_{method}"
 
 
+def _write_labels(outputs: Any, out: Path, save_probs: bool, cm: ConfusionMatrix | None) -> None:
+    """(item, probs) -> ``<out>/<name>.png`` (and ``.npy``), scored into ``cm`` when given."""
+    for item, probs in outputs:
+        label = to_label(probs)
+        if save_probs:
+            save_npy(out / f"{item['name']}.npy", to_float16(probs))
+        save_label(out / f"{item['name']}.png", label)  # last: its presence marks the image done
+        if cm is not None:
+            cm.update(label, item["mask"].numpy())
+
+
 def generate_pseudo_labels(
     checkpoint: str | Path,
     split: str | None = None,
@@ -347,20 +359,12 @@ def generate_pseudo_labels(
         try:
             outputs = run_over_split(dataset, todo, predict, ctx.device, cfg.train.precision, pool,
                                      cfg.data.num_workers)
-            for item, probs in tqdm(outputs, total=len(todo), desc=f"pseudo labels ({method})",
-                                    disable=ctx.rank != 0, unit="img"):
-                label = to_label(probs)
-                if save_probs:
-                    save_npy(out / f"{item['name']}.npy", to_float16(probs))
-                save_label(out / f"{item['name']}.png", label)  # last: its presence marks the image done
-                if cm is not None:
-                    cm.update(label, item["mask"].numpy())
+            _write_labels(tqdm(outputs, total=len(todo), desc=f"pseudo labels ({method})", disable=ctx.rank != 0,
+                               unit="img"), out, save_probs, cm)
         finally:
             if pool is not None:
                 pool.close()
-        if cm is not None:
-            from wsss.data.io import read_label_png
-
+        if cm is not None:  # the labels written by an earlier, interrupted run count too
             for index in sorted(set(mine).difference(todo)):
                 cm.update(read_label_png(out / f"{dataset.names[index]}.png"), dataset.load_mask(index))
         elapsed = time.perf_counter() - start

@@ -668,160 +668,178 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
     "val": the last validation {"cam", "afa", "seg"} mIoUs, "losses": the last logged means,
     "seconds"}.
     """
-    from wsss.data.datasets import build_dataset
-    from wsss.models.network import build_network
-
     started = time.perf_counter()
-    tc = cfg.train
-    ctx = du.init_distributed(tc.device)
+    ctx = du.init_distributed(cfg.train.device)
     configure_logging(ctx.rank)
-    owns_group = ctx.distributed  # destroyed at the end only if it exists
-    work_dir = Path(tc.work_dir)
-    logs: RunLogger | None = None
+    run: _Run | None = None
     try:
         check_precision(cfg, ctx.device)
-        resume = resolve_resume(resume, work_dir)
-        check_work_dir(work_dir, resume is not None)
-        ckpt = _load_resume_checkpoint(resume, cfg, ctx) if resume is not None else None
+        resume = resolve_resume(resume, cfg.train.work_dir)
+        check_work_dir(Path(cfg.train.work_dir), resume is not None)
+        run = _Run(cfg, ctx, resume, started)
+        return run.loop(stop_after)
+    finally:
+        if run is not None and run.logs is not None:
+            run.logs.close()
+        if ctx.distributed:  # the group exists: this run created it
+            du.cleanup_distributed()
 
-        dataset = build_dataset(cfg.data, cfg.data.train_split, train=True)
-        val_dataset = None
-        if tc.val_interval > 0:
-            # each image at its own size, as the authors validate
-            val_dataset = build_dataset(cfg.data, cfg.data.val_split, train=False, long_side=None)
-        micro, accumulation = split_batch(cfg.data.total_batch_size, ctx.world_size, cfg.data.batch_size,
-                                          tc.accumulation_steps)
-        per_epoch = math.ceil(len(dataset) / ctx.world_size) // micro  # micro-batches
-        if per_epoch == 0:
+
+class _Run:
+    """The state of one training run (built by :func:`train`) and its loop."""
+
+    def __init__(self, cfg: Config, ctx: du.DistContext, resume: Path | None, started: float) -> None:
+        from wsss.data.datasets import build_dataset
+
+        tc = cfg.train
+        self.cfg, self.ctx, self.started = cfg, ctx, started
+        self.work_dir = Path(tc.work_dir)
+        self.logs: RunLogger | None = None
+        ckpt = _load_resume_checkpoint(resume, cfg, ctx) if resume is not None else None
+        self.dataset = build_dataset(cfg.data, cfg.data.train_split, train=True)
+        # each image at its own size, as the authors validate
+        self.val_dataset = (build_dataset(cfg.data, cfg.data.val_split, train=False, long_side=None)
+                            if tc.val_interval > 0 else None)
+        self.micro, self.accumulation = split_batch(cfg.data.total_batch_size, ctx.world_size, cfg.data.batch_size,
+                                                    tc.accumulation_steps)
+        self.per_epoch = math.ceil(len(self.dataset) / ctx.world_size) // self.micro  # micro-batches
+        self._check_data(ckpt, resume)
+        self._build(ckpt, resume)
+        if ctx.is_main:
+            _write_run_files(cfg, self.work_dir, self.versions)
+        self.logs = RunLogger(self.work_dir, ctx.is_main, tc.iterations, self.iteration, cfg)
+        if ctx.is_main:
+            for text in run_header(cfg, ctx, self.micro, self.accumulation, self.dataset, self.per_epoch,
+                                   self.iteration, ckpt is not None):
+                self.logs.line(text)
+            self.logs.line(f"AFA head on {'standardized' if self.network.attn_norm == 'standardize' else 'raw'} "
+                           f"attention logits (afa.attn_norm={cfg.afa.attn_norm})")
+        self.last_saved = self.iteration if ckpt is not None else -1
+        self.last_val: dict[str, float] = {}
+
+    def _check_data(self, ckpt: dict[str, Any] | None, resume: Path | None) -> None:
+        dataset, ctx = self.dataset, self.ctx
+        if self.per_epoch == 0:
             raise DatasetError(
-                f"split '{cfg.data.train_split}' of '{dataset.root}' has {len(dataset)} images: too few for one batch "
-                f"of {micro} images per process ({ctx.world_size} processes)")
+                f"split '{self.cfg.data.train_split}' of '{dataset.root}' has {len(dataset)} images: too few for one "
+                f"batch of {self.micro} images per process ({ctx.world_size} processes)")
         if ckpt is not None and int(ckpt["num_classes"]) != dataset.num_classes:
             raise WsssError(f"checkpoint '{resume}' has {ckpt['num_classes']} classes but the dataset '{dataset.root}' "
                             f"has {dataset.num_classes}; resume with the dataset it was trained on")
 
-        # identical initial weights on every rank (DDP also broadcasts rank 0's)
-        seed_everything(tc.seed)
-        network = build_network(_without_pretrained(cfg) if ckpt is not None else cfg, dataset.num_classes)
+    def _build(self, ckpt: dict[str, Any] | None, resume: Path | None) -> None:
+        """Network, optimizer, schedule, scaler; the training state of ``ckpt`` when resuming."""
+        from wsss.models.network import build_network
+
+        cfg, ctx, tc = self.cfg, self.ctx, self.cfg.train
+        seed_everything(tc.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        network = build_network(_without_pretrained(cfg) if ckpt is not None else cfg, self.dataset.num_classes)
         network.to(ctx.device)
         use_sync_batchnorm(network, ctx, tc.sync_bn)
         network.train()
-        optimizer = build_optimizer(network, cfg)
-        scheduler = build_scheduler(optimizer, tc)
-        scaler = build_scaler(cfg, ctx.device)
-        versions = software_versions()
-
+        self.network = network
+        self.optimizer = build_optimizer(network, cfg)
+        self.scheduler = build_scheduler(self.optimizer, tc)
+        self.scaler = build_scaler(cfg, ctx.device)
+        self.versions = software_versions()
         if ckpt is not None:
-            iteration, epoch, consumed, best_miou = _restore(ckpt, resume, network, optimizer, scheduler, scaler,
-                                                             ctx, tc.seed, per_epoch)
+            self.iteration, self.epoch, self.consumed, self.best_miou = _restore(
+                ckpt, resume, network, self.optimizer, self.scheduler, self.scaler, ctx, tc.seed, self.per_epoch)
         else:
-            iteration, epoch, consumed, best_miou = 0, 0, 0, -math.inf
+            self.iteration, self.epoch, self.consumed, self.best_miou = 0, 0, 0, -math.inf
             seed_everything(tc.seed + ctx.rank)  # per-rank randomness (drop-path) from here on
 
-        if ctx.is_main:
-            _write_run_files(cfg, work_dir, versions)
-        logs = RunLogger(work_dir, ctx.is_main, tc.iterations, iteration, cfg)
-        if ctx.is_main:
-            for text in run_header(cfg, ctx, micro, accumulation, dataset, per_epoch, iteration, ckpt is not None):
-                logs.line(text)
-            logs.line(f"AFA head on {'standardized' if network.attn_norm == 'standardize' else 'raw'} attention "
-                      f"logits (afa.attn_norm={cfg.afa.attn_norm})")
+    def checkpoint_state(self) -> dict[str, Any]:
+        rng = capture_rng_state()
+        per_rank = du.all_gather_objects(rng) if self.ctx.distributed else [rng]
+        return {
+            "config": self.cfg.to_dict(), "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "iteration": self.iteration, "rng": {**rng, "per_rank": per_rank},
+            "data": {"epoch": self.epoch, "batch": self.consumed, "batches_per_epoch": self.per_epoch},
+            "class_names": list(self.dataset.class_names), "num_classes": self.dataset.num_classes,
+            "best_miou": self.best_miou if math.isfinite(self.best_miou) else None, "versions": self.versions,
+        }
 
-        loader, sampler = build_train_loader(dataset, cfg, ctx, micro)
-        find_unused = _needs_find_unused(cfg, iteration)
-        model = _wrap(network, ctx, find_unused)
+    def save(self, name: str) -> None:
+        """Checkpoint ``name`` in the work dir (every rank takes part in gathering the RNG states)."""
+        state = self.checkpoint_state()
+        if self.ctx.is_main:
+            save_checkpoint(state, self.work_dir / name)
+
+    def validate(self) -> None:
+        """Validation now; a new best seg mIoU is kept as best.pt."""
+        self.last_val = _validate(self.network, self.val_dataset, self.cfg, self.ctx.device, self.logs,
+                                  self.iteration, self.cfg.data.val_limit)
+        seg = self.last_val.get("seg", math.nan)
+        if math.isfinite(seg) and seg > self.best_miou:
+            self.best_miou = seg
+            self.save(BEST_NAME)
+            if self.ctx.is_main:
+                self.logs.line(f"iter {self.iteration} new best seg mIoU {seg:.2f}: {self.work_dir / BEST_NAME}")
+
+    def loop(self, stop_after: int | None) -> dict[str, Any]:
+        cfg, ctx, tc = self.cfg, self.ctx, self.cfg.train
+        loader, sampler = build_train_loader(self.dataset, cfg, ctx, self.micro)
+        find_unused = _needs_find_unused(cfg, self.iteration)
+        model = _wrap(self.network, ctx, find_unused)
         sums = {k: torch.zeros((), device=ctx.device) for k in LOSS_NAMES}
-        since_log = 0
-        last_losses: dict[str, float] = {}
-        last_val: dict[str, float] = {}
-        last_saved = iteration if ckpt is not None else -1
+        since_log, last_losses = 0, {}
         log_every = tc.log_interval if tc.log_interval > 0 else tc.iterations
         ckpt_every = tc.ckpt_interval if tc.ckpt_interval > 0 else tc.iterations
-
-        def checkpoint_state() -> dict[str, Any]:
-            rng = capture_rng_state()
-            per_rank = du.all_gather_objects(rng) if ctx.distributed else [rng]
-            return {
-                "config": cfg.to_dict(), "model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
-                "iteration": iteration, "rng": {**rng, "per_rank": per_rank},
-                "data": {"epoch": epoch, "batch": consumed, "batches_per_epoch": per_epoch},
-                "class_names": list(dataset.class_names), "num_classes": dataset.num_classes,
-                "best_miou": best_miou if math.isfinite(best_miou) else None, "versions": versions,
-            }
-
-        batches = iterate_batches(loader, sampler, epoch, consumed, micro)
+        batches = iterate_batches(loader, sampler, self.epoch, self.consumed, self.micro)
         interval_start = time.perf_counter()
-        while iteration < tc.iterations and (stop_after is None or iteration < stop_after):
-            if find_unused and not _needs_find_unused(cfg, iteration) and ctx.distributed:
+        while self.iteration < tc.iterations and (stop_after is None or self.iteration < stop_after):
+            if find_unused and not _needs_find_unused(cfg, self.iteration) and ctx.distributed:
                 del model  # the warm-up wrapper's hooks go with it
                 find_unused = False
-                model = _wrap(network, ctx, find_unused)
+                model = _wrap(self.network, ctx, find_unused)
             micro_batches = []
-            for _ in range(accumulation):
-                epoch, consumed, batch = next(batches)
+            for _ in range(self.accumulation):
+                self.epoch, self.consumed, batch = next(batches)
                 micro_batches.append(batch)
-            result = train_step(model, micro_batches, iteration, cfg, optimizer, scheduler, scaler, ctx.device)
-            iteration += 1
+            result = train_step(model, micro_batches, self.iteration, cfg, self.optimizer, self.scheduler,
+                                self.scaler, ctx.device)
+            self.iteration += 1
             for k in LOSS_NAMES:
                 sums[k] += result.losses[k]
             since_log += 1
-            logs.advance()
-
-            if iteration % log_every == 0 or iteration == tc.iterations:
-                seconds = (time.perf_counter() - interval_start, time.perf_counter() - started)
-                last_losses = _log_losses(logs, sums, since_log, optimizer, iteration, epoch, cfg, seconds)
+            self.logs.advance()
+            it = self.iteration
+            if it % log_every == 0 or it == tc.iterations:
+                seconds = (time.perf_counter() - interval_start, time.perf_counter() - self.started)
+                last_losses = _log_losses(self.logs, sums, since_log, self.optimizer, it, self.epoch, cfg, seconds)
                 since_log, interval_start = 0, time.perf_counter()
+            if ctx.is_main and tc.image_log_interval > 0 and it % tc.image_log_interval == 0:
+                _log_images(self.logs, self.network, result.batch, result, cfg, ctx.device, it)
+            if self.val_dataset is not None and (it % tc.val_interval == 0 or it == tc.iterations):
+                self.validate()
+            if it % ckpt_every == 0 or it == tc.iterations or (stop_after is not None and it >= stop_after):
+                self.save(LAST_NAME)
+                if ctx.is_main and tc.keep_checkpoints > 0 and it % ckpt_every == 0:
+                    keep_interval_checkpoint(self.work_dir, it, tc.keep_checkpoints)
+                self.last_saved = it
+        return self.finish(last_losses)
 
-            if ctx.is_main and tc.image_log_interval > 0 and iteration % tc.image_log_interval == 0:
-                _log_images(logs, network, result.batch, result, cfg, ctx.device, iteration)
-
-            if val_dataset is not None and (iteration % tc.val_interval == 0 or iteration == tc.iterations):
-                last_val = _validate(network, val_dataset, cfg, ctx.device, logs, iteration, cfg.data.val_limit)
-                seg = last_val.get("seg", math.nan)
-                if math.isfinite(seg) and seg > best_miou:
-                    best_miou = seg
-                    state = checkpoint_state()
-                    if ctx.is_main:
-                        save_checkpoint(state, work_dir / BEST_NAME)
-                        logs.line(f"iter {iteration} new best seg mIoU {seg:.2f}: {work_dir / BEST_NAME}")
-
-            stopping = iteration == tc.iterations or (stop_after is not None and iteration >= stop_after)
-            if iteration % ckpt_every == 0 or stopping:
-                state = checkpoint_state()
-                if ctx.is_main:
-                    save_checkpoint(state, work_dir / LAST_NAME)
-                    if tc.keep_checkpoints > 0 and iteration % ckpt_every == 0:
-                        keep_interval_checkpoint(work_dir, iteration, tc.keep_checkpoints)
-                last_saved = iteration
-
-        if val_dataset is not None and cfg.data.val_limit > 0 and iteration == tc.iterations and last_saved >= 0:
+    def finish(self, last_losses: dict[str, float]) -> dict[str, Any]:
+        cfg, it = self.cfg, self.iteration
+        if self.val_dataset is not None and cfg.data.val_limit > 0 and it == cfg.train.iterations and self.last_saved >= 0:
             # the subset served during training; the final model is scored on the whole split
-            _validate(network, val_dataset, cfg, ctx.device, logs, iteration, 0, "val_full")
-        if last_saved != iteration:  # e.g. resumed at the end already
-            state = checkpoint_state()
-            if ctx.is_main:
-                save_checkpoint(state, work_dir / LAST_NAME)
+            _validate(self.network, self.val_dataset, cfg, self.ctx.device, self.logs, it, 0, "val_full")
+        if self.last_saved != it:  # e.g. resumed at the end already
+            self.save(LAST_NAME)
         du.barrier()
-        seconds = time.perf_counter() - started
-        if ctx.is_main:
-            logs.line(f"finished at iteration {iteration} in {seconds:.0f} s; last checkpoint {work_dir / LAST_NAME}")
-        best_path = work_dir / BEST_NAME
+        seconds = time.perf_counter() - self.started
+        if self.ctx.is_main:
+            self.logs.line(f"finished at iteration {it} in {seconds:.0f} s; last checkpoint {self.work_dir / LAST_NAME}")
+        best_path = self.work_dir / BEST_NAME
         return {
-            "iteration": iteration,
-            "work_dir": str(work_dir),
-            "last_checkpoint": str(work_dir / LAST_NAME),
+            "iteration": it, "work_dir": str(self.work_dir), "last_checkpoint": str(self.work_dir / LAST_NAME),
             "best_checkpoint": str(best_path) if best_path.is_file() else None,
-            "best_miou": best_miou if math.isfinite(best_miou) else None,
-            "val": last_val,
-            "losses": last_losses,
-            "seconds": seconds,
+            "best_miou": self.best_miou if math.isfinite(self.best_miou) else None,
+            "val": self.last_val, "losses": last_losses, "seconds": seconds,
         }
-    finally:
-        if logs is not None:
-            logs.close()
-        if owns_group:
-            du.cleanup_distributed()
 
 
 def _without_pretrained(cfg: Config) -> Config:

@@ -1,0 +1,259 @@
+"""Demo quality on the family of harder demo datasets (issue 13): one table, a row per variant.
+
+For each variant of ``wsss.data.demo.DEMO_VARIANTS`` (default, classes10, texture, small,
+crowded, gray) the script builds its data into ``OUT/data/VARIANT`` (an up-to-date one is
+reused), then trains the demo recipe (configs/demo.yaml, from scratch) on it in a child
+process of its own, ``wsss.engine.demo.run_demo`` (what ``wsss demo`` runs; its output goes
+to ``OUT/logs/VARIANT.log``), in ``OUT/runs/VARIANT`` (emptied first: every run starts
+fresh), one variant after the other. Then it prints one table:
+
+- F1: the classifier's macro F1 on val (sigmoid > 0.5);
+- CAM / PAR / AFA: pseudo-label mIoU % on train; seg: the segmentation head's mIoU % on val;
+- bg: "everything background" mIoU; fg+rnd: the true foreground with one random present class
+  per image (``wsss.engine.demo.baseline_mious``). On an image with a single class the second
+  is the ground truth itself, so the table gives the share of such images (1cls);
+- wall seconds per variant, and the 1-minute load average while it ran (mean / max of samples
+  every few seconds: the figures depend on what else the machine runs);
+
+then the classification loss per variant (first / min / last logged mean, from the run's
+metrics.jsonl), and writes everything to a JSON file.
+
+    python3 bench/quality.py                                    # all six variants, the recipe: ~35 min on 2 cores
+    python3 bench/quality.py --variants default gray --iterations 20 train.val_interval=0 train.log_interval=5
+    python3 bench/quality.py --out work_dirs/quality --json quality.json train.precision=fp32
+
+Trailing ``key=value`` arguments are config overrides for every run (``--iterations N`` is
+``train.iterations=N``; the rest of the schedule, e.g. train.cam_iters=300, stays as given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[\w.]+=")  # section.key=value, as the wsss CLI tells them
+LOAD_SAMPLE_S = 5.0  # seconds between load-average samples while a variant trains
+
+# The child: run_demo on one variant, its result dict to a JSON file (NaN kept: Python's json reads it back).
+CHILD = """
+import json, sys
+from wsss.engine.demo import run_demo
+data_dir, work_dir, result_file, *overrides = sys.argv[1:]
+result = run_demo(work_dir=work_dir, data_dir=data_dir, overrides=overrides)
+with open(result_file, "w") as f:
+    json.dump(result, f, indent=1, default=str)
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from wsss.data.demo import DEMO_VARIANTS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(DEMO_VARIANTS), choices=list(DEMO_VARIANTS),
+                        metavar="NAME", help=f"variants to run, in order (default: all: {' '.join(DEMO_VARIANTS)})")
+    parser.add_argument("--iterations", type=int, default=None, metavar="N",
+                        help="train.iterations of every run (default: the recipe's, 1300)")
+    parser.add_argument("--out", type=Path, default=Path("work_dirs/quality"),
+                        help="data/, runs/, logs/ of every variant go here (default: work_dirs/quality)")
+    parser.add_argument("--json", type=Path, default=None, help="everything as JSON (default: OUT/quality.json)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if OVERRIDE.match(a)]  # anywhere: --variants would swallow them
+    args = parser.parse_args([a for a in argv if not OVERRIDE.match(a)])
+    if args.overrides:
+        parser.error(f"overrides are section.key=value, got '{args.overrides[0]}'")
+    args.overrides = overrides
+    if args.iterations is not None:
+        if args.iterations < 1:
+            parser.error(f"--iterations must be positive, got {args.iterations}")
+        args.overrides = [f"train.iterations={args.iterations}", *args.overrides]
+    args.json = args.json or args.out / "quality.json"
+    return args
+
+
+def single_class_share(data_dir: Path, split: str) -> float:
+    """Share of the images of ``split`` whose mask holds exactly one foreground class: on those the
+    "true foreground, random present class" baseline is the ground truth."""
+    import numpy as np
+
+    from wsss.data.io import IGNORE_VALUE, read_label_png
+
+    names = (data_dir / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+    single = 0
+    for name in names:
+        mask = read_label_png(data_dir / "SegmentationClass" / f"{name}.png")
+        single += len(np.setdiff1d(np.unique(mask), [0, IGNORE_VALUE])) == 1
+    return single / max(len(names), 1)
+
+
+def loss_summary(work_dir: Path) -> dict[str, Any]:
+    """The run's metrics.jsonl "train" records -> per loss name {first, min, last} of the logged means,
+    each as [iteration, value]; {} when nothing was logged."""
+    path = work_dir / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("kind") == "train" and isinstance(record.get("losses"), dict):
+                records.append(record)
+    summary: dict[str, Any] = {}
+    for name in records[0]["losses"] if records else ():
+        points = [(r["iteration"], r["losses"][name]) for r in records
+                  if isinstance(r["losses"].get(name), (int, float))]
+        if points:
+            summary[name] = {"first": list(points[0]), "min": list(min(points, key=lambda p: p[1])),
+                             "last": list(points[-1])}
+    return summary
+
+
+def run_variant(name: str, data_dir: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
+    """Train and score one variant in a child process -> {"result" (run_demo's) or "error", "wall_s", "load",
+    "losses", "work_dir", "log"}."""
+    work_dir, log = out / "runs" / name, out / "logs" / f"{name}.log"
+    result_file = out / "logs" / f"{name}.result.json"
+    if work_dir.exists():
+        shutil.rmtree(work_dir)  # a fresh run: run_demo would continue one that is there
+    result_file.unlink(missing_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-c", CHILD, str(data_dir), str(work_dir), str(result_file), *overrides]
+    loads = [os.getloadavg()[0]]
+    start = time.perf_counter()
+    with open(log, "w") as log_file:
+        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        while True:
+            try:
+                child.wait(timeout=LOAD_SAMPLE_S)
+                break
+            except subprocess.TimeoutExpired:
+                loads.append(os.getloadavg()[0])
+    wall = time.perf_counter() - start
+    loads.append(os.getloadavg()[0])
+    entry: dict[str, Any] = {"work_dir": str(work_dir), "log": str(log), "wall_s": wall,
+                             "load": {"mean": sum(loads) / len(loads), "max": max(loads), "samples": len(loads)},
+                             "losses": loss_summary(work_dir)}
+    if child.returncode == 0 and result_file.is_file():
+        entry["result"] = json.loads(result_file.read_text())
+    else:
+        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        entry["error"] = f"exit code {child.returncode}: {tail[0] if tail else 'no output'} (see {log})"
+    return entry
+
+
+def _num(value: Any, scale: float = 1.0, digits: int = 1) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{value * scale:.{digits}f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report (``main``) -> the printed text: the quality table, the loss table, the notes."""
+    start, end = report["loadavg_start"], report["loadavg_end"]
+    head = (f"{'variant':<10}{'F1 val':>7}{'CAM':>7}{'PAR':>7}{'AFA':>7}{'bg':>7}{'fg+rnd':>8}{'1cls':>6}"
+            f"{'seg':>7}{'bg':>7}{'fg+rnd':>8}{'1cls':>6}{'wall s':>8}{'load':>11}")
+    group = f"{'':<18}{' pseudo labels on train, mIoU % ':-^41}{' seg head on val, mIoU % ':-^28}"
+    overrides = " ".join(report["overrides"]) or "none"
+    lines = [(f"bench/quality.py: configs/demo.yaml from scratch, overrides: {overrides}; "
+              f"{report['cpus']} CPUs, load average {start[0]:.2f} / {start[1]:.2f} / {start[2]:.2f} "
+              f"(1 / 5 / 15 min) at the start, {end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f} at the end"),
+             group, head, "-" * len(head)]
+    for name, v in report["variants"].items():
+        load = f"{v['load']['mean']:.1f}/{v['load']['max']:.1f}"
+        if "result" not in v:
+            lines.append(f"{name:<10}  failed: {v['error']}")
+            continue
+        r = v["result"]
+        rows, base, single = r["rows"], r["baselines"], v["single_class_share"]
+        lines.append(
+            f"{name:<10}{_num(r['classifier']['macro_f1'], digits=3):>7}{_num(rows['cam']):>7}{_num(rows['par']):>7}"
+            f"{_num(rows['afa']):>7}{_num(base['train']['all_background']):>7}"
+            f"{_num(base['train']['random_class']) + '*':>8}{_num(single['train'], 100, 0) + '%':>6}"
+            f"{_num(rows['seg']):>7}{_num(base['val']['all_background']):>7}"
+            f"{_num(base['val']['random_class']) + '*':>8}{_num(single['val'], 100, 0) + '%':>6}"
+            f"{v['wall_s']:>8.0f}{load:>11}")
+    lines += [
+        "-" * len(head),
+        ("F1: classifier macro F1 on val (sigmoid > 0.5). bg: everything background. "
+         "fg+rnd*: the TRUE foreground, one random present class per image"),
+        ("  (seed 0); * on single-class images it IS the ground truth (1cls: their share), "
+         "so it is a strong reference, not a floor."),
+        (f"load: the 1-minute load average while the variant ran (mean/max of samples every {LOAD_SAMPLE_S:.0f} s); "
+         "wall s: build excluded, child start-up included."),
+        "",
+        f"{'classification loss':<22}{'first':>16}{'min':>16}{'last':>16}   (iteration: logged mean)",
+    ]
+    for name, v in report["variants"].items():
+        cls = v["losses"].get("cls")
+        if cls is None:
+            lines.append(f"  {name:<20}{'nothing logged (train.log_interval > iterations?)':>48}")
+            continue
+        cells = "".join(f"{f'{it}: {value:.4f}':>16}" for it, value in (cls["first"], cls["min"], cls["last"]))
+        lines.append(f"  {name:<20}{cells}")
+    lines.append(f"JSON: {report['json']}")
+    return "\n".join(lines)
+
+
+def _finite(value: Any) -> Any:
+    """NaN / inf -> None, recursively (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from wsss.data.demo import build_demo_dataset, demo_variant
+
+    out = args.out
+    report: dict[str, Any] = {"command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
+                              "overrides": args.overrides, "cpus": os.cpu_count(), "json": str(args.json),
+                              "loadavg_start": list(os.getloadavg()), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "variants": {}}
+    data_dirs = {}
+    for name in args.variants:
+        options = demo_variant(name)
+        data_dirs[name] = build_demo_dataset(out / "data" / name, options)
+        report["variants"][name] = {"options": options.record(), "data_dir": str(data_dirs[name]),
+                                    "single_class_share": {s: single_class_share(data_dirs[name], s)
+                                                           for s in ("train", "val")}}
+    print(f"data in {out / 'data'}: {', '.join(args.variants)}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    for i, name in enumerate(args.variants, 1):
+        print(f"[{i}/{len(args.variants)}] {name}: training (log: {out / 'logs' / name}.log) ...", flush=True)
+        entry = run_variant(name, data_dirs[name], out, args.overrides)
+        report["variants"][name].update(entry)
+        if "error" in entry:
+            done = "failed: " + entry["error"]
+        else:
+            r = entry["result"]
+            done = f"seg {_num(r['rows']['seg'])} mIoU, F1 {_num(r['classifier']['macro_f1'], digits=3)}"
+        print(f"[{i}/{len(args.variants)}] {name}: {entry['wall_s']:.0f} s, {done}; "
+              f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    report["loadavg_end"] = list(os.getloadavg())
+    text = format_table(report)
+    report["table"] = text
+    print(text, flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(_finite(report), indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
