@@ -40,13 +40,12 @@ import dataclasses
 import functools
 import json
 import logging
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsss.errors import WsssError
+from wsss.files import atomic_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -399,26 +398,13 @@ def build_demo_dataset(out_dir: str | Path, options: DemoOptions | None = None, 
     if _up_to_date(out_dir, o):
         logger.info("demo dataset in '%s' is up to date", out_dir)
         return out_dir
-    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-            (tmp / sub).mkdir(parents=True)
+        with atomic_dir(out_dir) as tmp:
+            for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+                (tmp / sub).mkdir(parents=True)
+            _write_dataset(tmp, o)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise WsssError(_unwritable(out_dir, exc)) from None
-    try:
-        _write_dataset(tmp, o)
-        try:
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except OSError as exc:
-            raise WsssError(_unwritable(out_dir, exc)) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 
