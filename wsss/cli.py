@@ -333,7 +333,7 @@ def predict(
                                           "network runs (default: data.num_workers)", show_default=False),
 ) -> None:
     """Segment image files: one VOC-palette label PNG per image, at its original size (help: PREDICT_HELP)."""
-    from wsss.engine.predict import predict_images
+    from wsss.engine.predict import format_summary, predict_images
 
     inputs, overrides = _split_overrides(args)
     if not inputs:
@@ -344,6 +344,7 @@ def predict(
         checkpoint, inputs, out, overlay=overlay, probs=probs, msc=msc, flip=flip, crf=crf, target=target,
         batch_size=batch_size, num_workers=workers, overrides=overrides,
     )
+    typer.echo(format_summary(summary))
     if summary["failed"]:
         raise typer.Exit(code=1)
 

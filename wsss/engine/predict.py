@@ -18,8 +18,8 @@ summary counts it and the caller exits non-zero.
 from __future__ import annotations
 
 import glob
+import logging
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,6 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from wsss.errors import WsssError
+
+logger = logging.getLogger(__name__)
 
 OVERLAY_DIR = "overlay"
 OVERLAY_ALPHA = 0.5  # weight of the class colour on a foreground pixel
@@ -148,7 +150,7 @@ def predict_images(
 
     msc / flip / crf / target: see :mod:`wsss.api`. num_workers: DataLoader processes reading the next
     images (None: ``data.num_workers``); batch_size: images per loader step (the network takes one at a
-    time). progress: the tqdm bar (None: only on a terminal). Errors of single images go to stderr as
+    time). progress: the tqdm bar (None: only on a terminal). Errors of single images are logged as
     ``error: ...`` lines. -> {"written", "failed", "seconds", "out_dir", "overlay", "probs", "pixels":
     class name -> predicted pixels, "images": class name -> images it appears in} (classes found only).
     """
@@ -158,7 +160,7 @@ def predict_images(
     if not files:
         raise WsssError(problems[0] if len(problems) == 1 else f"no images to segment in {list(map(str, inputs))}")
     for message in problems:
-        print(f"error: {message}", file=sys.stderr)
+        logger.error(message)
     segmenter = load_model(model, overrides=overrides, msc=msc, flip=flip, target=target, crf=crf)
     workers = segmenter.config.data.num_workers if num_workers is None else num_workers
     start = time.perf_counter()
@@ -179,7 +181,7 @@ def predict_images(
               disable=None if progress is None else not progress) as bar:
         for prediction in bar:
             if prediction.error is not None:
-                bar.write(f"error: {prediction.error}", file=sys.stderr)
+                logger.error(prediction.error)
                 failed += 1
                 continue
             _write_outputs(out, names[prediction.index], prediction, overlay_dir, probs)
@@ -194,7 +196,6 @@ def predict_images(
         "pixels": {class_names[c]: int(pixels[c]) for c in found},
         "images": {class_names[c]: int(images[c]) for c in found},
     }
-    print(format_summary(summary))
     return summary
 
 

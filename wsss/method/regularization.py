@@ -73,6 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wsss.method.ops import resize
+
 # Images arrive in [0, 1]; sigma_rgb is on 0..255 intensities, as in the official code.
 RGB_RANGE = 255.0
 # A reduced pixel is in the ROI when the bilinear resize of the valid mask is 1 there, i.e. every
@@ -91,12 +93,6 @@ def reduced_size(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
 
 
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
 def downscale_inputs(images: Tensor, seg_logits: Tensor, valid_mask: Tensor,
                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """The inputs of the energy at the reduced resolution h x w (see ``reduced_size``), float32.
@@ -106,9 +102,9 @@ def downscale_inputs(images: Tensor, seg_logits: Tensor, valid_mask: Tensor,
     Only ``probs`` carries gradient (to ``seg_logits``).
     """
     size = reduced_size(images.shape[-2], images.shape[-1], scale)
-    rgb = _resize(images.detach().float() * RGB_RANGE, size)
-    probs = _resize(seg_logits.float().softmax(dim=1), size)
-    roi = _resize(valid_mask.detach().unsqueeze(1).float(), size)
+    rgb = resize(images.detach().float() * RGB_RANGE, size)
+    probs = resize(seg_logits.float().softmax(dim=1), size)
+    roi = resize(valid_mask.detach().unsqueeze(1).float(), size)
     roi = (roi >= 1.0 - ROI_TOLERANCE).float()
     return rgb, probs, roi
 
