@@ -1,13 +1,35 @@
-"""Shared fixtures. Modules that train tiny networks use ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+"""Shared fixtures and the ``slow`` marker.
+
+- ``one_thread``: modules that train tiny networks use ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+- ``wsss_here``: the ``wsss`` console entry point in this process.
+- ``tiny_overrides`` / ``tiny_config``: the one definition of the tiny training run (mit_tiny from the ``demo``
+  config, 64-pixel crops, 6 iterations); a test appends the keys it needs on top (a later ``key=value`` wins).
+- ``demo_data`` / ``demo_data_3cls``: small demo datasets built once per session and shared: read them, never
+  change them (copy first: ``shutil.copytree(demo_data, tmp_path / "data")``); a check at the end of the session
+  fails if a test did.
+
+``-m "not slow"`` leaves out the tests marked ``slow`` (they train, run the CLI end to end in a fresh
+interpreter, spawn processes or DDP: each takes seconds); ``pyproject.toml`` registers the marker.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
+# The tiny training run shared by the tests that train: mit_tiny (the demo config), 64-pixel crops, batches
+# of 4 in one process without loader workers, a 32-channel seg head, two CAM scales, 6 iterations (2 of
+# CAM-only warm-up, the seg head on PAR labels until 4). Tests add their own intervals, device and so on.
+TINY_OVERRIDES: tuple[str, ...] = (
+    "data.crop_size=64", "data.batch_size=4", "data.total_batch_size=4", "data.num_workers=0",
+    "model.seg_embed_dim=32", "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0",
+    "train.iterations=6", "train.cam_iters=2", "train.afa_label_iter=4", "train.warmup_iters=2",
+)
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -39,3 +61,64 @@ def wsss_here(capsys):
         return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> Callable[..., list[str]]:
+    """``tiny_overrides(*extras)`` -> a new list: ``TINY_OVERRIDES``, then ``extras`` (a later key wins).
+
+    For ``load_config("demo", ...)``, ``wsss train demo ...`` or ``wsss.engine.demo.run_demo``."""
+
+    def make(*extras: str) -> list[str]:
+        return [*TINY_OVERRIDES, *extras]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_overrides) -> Callable[..., object]:
+    """``tiny_config(*extras)`` -> ``load_config("demo", tiny_overrides(*extras))``, a new Config each call.
+
+    Name the data and the run in the extras: ``tiny_config(f"data.root={root}", f"train.work_dir={work}")``."""
+    from wsss.config import load_config
+
+    def make(*extras: str):
+        return load_config("demo", tiny_overrides(*extras))
+
+    return make
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime) of the dataset's files, without the image-label cache that wsss.data.datasets
+    keeps in ``<root>/.wsss_cache`` (keyed by the masks' names, sizes and times: safe to share)."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).parts[0] != ".wsss_cache"}
+
+
+def _shared_demo(tmp_path_factory, name: str, **options):
+    """Build a demo dataset for the session; at the end, fail if a test changed, added or removed a file."""
+    from wsss.data.demo import build_demo_dataset
+
+    root = build_demo_dataset(tmp_path_factory.mktemp(name) / "demo", **options)
+    before = _files(root)
+    yield root
+    after = _files(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        pytest.fail(f"a test changed the shared {name} fixture ({', '.join(changed[:5])}): copy it to tmp_path "
+                    "before changing it", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """Shared, read-only: a demo dataset of 2 digit classes ("zero", "one"), 64 x 64 images, 8 train / 4 val,
+    seed 0 -> its root (``classes.txt``: background, zero, one)."""
+    yield from _shared_demo(tmp_path_factory, "demo_data", num_classes=2, image_size=64, num_train=8, num_val=4)
+
+
+@pytest.fixture(scope="session")
+def demo_data_3cls(tmp_path_factory):
+    """Shared, read-only: a demo dataset of 3 digit classes ("zero", "one", "four"), 64 x 64 images, 16 train /
+    4 val, seed 0 -> its root. Its first images are those of any smaller 3-class build (same seed and size)."""
+    yield from _shared_demo(tmp_path_factory, "demo_data_3cls", num_classes=3, image_size=64, num_train=16,
+                            num_val=4)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +70,7 @@ def test_python_m_wsss_help_lists_predict_export_and_completion():
         assert text in out.stdout
 
 
+@pytest.mark.slow
 def test_import_wsss_is_cheap_and_load_model_is_lazy():
     code = ("import sys, wsss; assert 'torch' not in sys.modules, 'import wsss imported torch'; "
             "assert callable(wsss.load_model) and wsss.Segmenter.__name__ == 'Segmenter'")

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from test_cli_pipeline import NUM_CLASSES, TINY
-from wsss.data.demo import build_demo_dataset
 from wsss.data.io import read_label_png
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tests/conftest.py
+NUM_TRAIN, NUM_CLASSES = 16, 3  # the demo_data_3cls fixture (tests/conftest.py)
 VARIANTS = ["standard", "masked", "kmeans", "soft"]
-DECODER = [
+DECODER = [  # on top of the tiny run (tests/conftest.py) with the logging of tests/test_cli_pipeline.py
+    "afa.radius=2", "eval.long_side=64", "train.log_interval=2", "train.image_log_interval=3",
     "model.seg_head=mask_decoder", "model.mask_decoder.num_queries=6", "model.mask_decoder.num_layers=2",
     "model.mask_decoder.hidden_dim=32", "model.mask_decoder.num_heads=2", "model.mask_decoder.ffn_dim=64",
     "model.mask_decoder.soft_mask_scales=[8.0,4.0]", "train.iterations=5", "train.val_interval=5",
@@ -26,17 +26,12 @@ DECODER = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decoder_cli")
-    return build_demo_dataset(root / "demo", num_classes=NUM_CLASSES, image_size=64, num_train=8, num_val=4)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variant_trains_pseudolabels_and_evaluates_through_the_cli(variant, data, tmp_path, wsss_here):
+def test_variant_trains_pseudolabels_and_evaluates_through_the_cli(variant, demo_data_3cls, tmp_path, wsss_here,
+                                                                    tiny_overrides):
     work = tmp_path / "work"
-    out = wsss_here("train", "demo", "--data-root", str(data), "--work-dir", str(work), *TINY, *DECODER,
-                    f"model.mask_decoder.cross_attention={variant}")
+    out = wsss_here("train", "demo", "--data-root", str(demo_data_3cls), "--work-dir", str(work),
+                    *tiny_overrides(*DECODER), f"model.mask_decoder.cross_attention={variant}")
     assert out.returncode == 0, out.stderr[-3000:]
     state = torch.load(work / "last.pt", weights_only=False)
     assert state["iteration"] == 5
@@ -48,7 +43,7 @@ def test_variant_trains_pseudolabels_and_evaluates_through_the_cli(variant, data
                     "--method", "afa", "--out", str(labels))
     assert out.returncode == 0, out.stderr[-3000:]
     pngs = sorted(labels.glob("*.png"))
-    assert len(pngs) == 8
+    assert len(pngs) == NUM_TRAIN
     assert set(np.unique(read_label_png(pngs[0]))) <= set(range(NUM_CLASSES + 1)) | {255}
 
     out = wsss_here("eval", "--checkpoint", str(work / "last.pt"), "--split", "val",

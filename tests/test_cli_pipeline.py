@@ -18,14 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from wsss.data.demo import build_demo_dataset
 from wsss.data.io import read_label_png
 
-NUM_TRAIN, NUM_VAL, NUM_CLASSES = 16, 6, 3
-TINY = [
-    "data.crop_size=64", "data.batch_size=4", "data.total_batch_size=4", "data.num_workers=0", "model.seg_embed_dim=32",
-    "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0", "afa.radius=2", "eval.long_side=64",
-    "train.iterations=6", "train.cam_iters=2", "train.afa_label_iter=4", "train.warmup_iters=2",
+NUM_TRAIN, NUM_CLASSES = 16, 3  # the demo_data_3cls fixture (tests/conftest.py)
+# on top of the tiny run (tests/conftest.py): validation, checkpoints and image grids at 3, the loss every 2
+EXTRAS = [
+    "afa.radius=2", "eval.long_side=64",
     "train.log_interval=2", "train.val_interval=3", "train.ckpt_interval=3", "train.image_log_interval=3",
 ]
 
@@ -40,15 +38,11 @@ def wsss(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
 
 
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    data = build_demo_dataset(root / "demo", num_classes=NUM_CLASSES, image_size=64, num_train=NUM_TRAIN,
-                              num_val=NUM_VAL)
-    work = root / "work"
-    out = wsss("train", "demo", "--data-root", str(data), "--work-dir", str(work), *TINY)
+def trained(demo_data_3cls, tiny_overrides, tmp_path_factory):
+    data = demo_data_3cls
+    work = tmp_path_factory.mktemp("pipeline") / "work"
+    out = wsss("train", "demo", "--data-root", str(data), "--work-dir", str(work), *tiny_overrides(*EXTRAS))
     assert out.returncode == 0, out.stderr[-3000:]
     return data, work
 
@@ -61,6 +55,7 @@ def error_line(out: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_config_versions_log_and_tensorboard_events(trained):
     _, work = trained
     for name in ("last.pt", "best.pt", "config.yaml", "versions.json", "train.log"):
@@ -74,6 +69,7 @@ def test_train_writes_checkpoints_config_versions_log_and_tensorboard_events(tra
     assert re.search(r"val mIoU \(\d+ images\) cam", (work / "train.log").read_text())
 
 
+@pytest.mark.slow
 def test_tensorboard_has_losses_lr_val_mious_and_image_grids(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -85,6 +81,7 @@ def test_tensorboard_has_losses_lr_val_mious_and_image_grids(trained):
     assert events.Tags()["images"]
 
 
+@pytest.mark.slow
 def test_pseudolabel_writes_one_label_png_per_image_and_scores_them(trained, wsss_here):
     data, work = trained
     out_dir = work / "labels_afa"
@@ -99,6 +96,7 @@ def test_pseudolabel_writes_one_label_png_per_image_and_scores_them(trained, wss
     assert 0 <= miou <= 100
 
 
+@pytest.mark.slow
 def test_eval_of_the_checkpoint_writes_metrics_in_range(trained, wsss_here):
     data, work = trained
     out = wsss_here("eval", "--checkpoint", str(work / "best.pt"), "--split", "val",
@@ -109,17 +107,19 @@ def test_eval_of_the_checkpoint_writes_metrics_in_range(trained, wsss_here):
     assert len(metrics["iou"]) == NUM_CLASSES + 1
 
 
-def test_resume_through_the_cli_continues_to_the_new_iteration_count(trained, tmp_path, wsss_here):
+@pytest.mark.slow
+def test_resume_through_the_cli_continues_to_the_new_iteration_count(trained, tmp_path, wsss_here, tiny_overrides):
     data, work = trained
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "last.pt").write_bytes((work / "last.pt").read_bytes())
-    out = wsss_here("train", "demo", "--data-root", str(data), "--work-dir", str(resumed), *TINY,
-               "train.iterations=7", "train.val_interval=0", "--resume", str(resumed / "last.pt"))
+    out = wsss_here("train", "demo", "--data-root", str(data), "--work-dir", str(resumed), *tiny_overrides(*EXTRAS),
+                    "train.iterations=7", "train.val_interval=0", "--resume", str(resumed / "last.pt"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert torch.load(resumed / "last.pt", weights_only=True)["iteration"] == 7
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_one_line_error(tmp_path):
     line = error_line(wsss("eval", "--checkpoint", str(tmp_path / "nope.pt")))
     assert "nope.pt" in line and "does not exist" in line
@@ -137,6 +137,7 @@ def test_missing_dataset_directory_is_one_line_error(tmp_path, wsss_here):
     assert str(missing) in line and "does not exist" in line
 
 
+@pytest.mark.slow
 def test_crf_without_pydensecrf2_is_one_line_error_naming_the_package(trained, tmp_path, wsss_here, monkeypatch):
     _, work = trained
     monkeypatch.setitem(sys.modules, "pydensecrf", None)  # import pydensecrf now raises ImportError
@@ -146,13 +147,16 @@ def test_crf_without_pydensecrf2_is_one_line_error_naming_the_package(trained, t
     assert "pydensecrf2" in line
 
 
-def test_resume_with_a_config_whose_network_differs_is_one_line_error(trained, tmp_path, wsss_here):
+@pytest.mark.slow
+def test_resume_with_a_config_whose_network_differs_is_one_line_error(trained, tmp_path, wsss_here, tiny_overrides):
     data, work = trained
-    line = error_line(wsss_here("train", "demo", "--data-root", str(data), "--work-dir", str(tmp_path), *TINY,
-                                "model.seg_head=mask_decoder", "--resume", str(work / "last.pt")))
+    line = error_line(wsss_here("train", "demo", "--data-root", str(data), "--work-dir", str(tmp_path),
+                                *tiny_overrides(*EXTRAS), "model.seg_head=mask_decoder",
+                                "--resume", str(work / "last.pt")))
     assert "cannot resume" in line and "last.pt" in line
 
 
+@pytest.mark.slow
 def test_the_published_recipe_offline_is_one_line_naming_the_weights_and_the_key(trained, tmp_path):
     """`wsss train custom` (the voc recipe: MiT-B1 from hub weights) without network access or cache."""
     data, _ = trained

@@ -11,7 +11,7 @@ import torch
 
 from wsss.config import load_config
 from wsss.engine.checkpoint import (
-    atomic_torch_save, capture_rng_state, load_checkpoint, load_network, restore_rng_state, save_checkpoint,
+    atomic_torch_save, capture_rng_state, load_network, restore_rng_state, save_checkpoint,
     software_versions,
 )
 from wsss.errors import WsssError
@@ -50,7 +50,7 @@ def test_a_write_that_dies_midway_keeps_the_previous_checkpoint(tmp_path, monkey
     atomic_torch_save({"v": 1}, path)
 
     def dying_save(obj, f):
-        f.write(b"PK\x03\x04 partial")
+        Path(f).write_bytes(b"PK\x03\x04 partial")
         raise KeyboardInterrupt  # as if killed while writing
 
     monkeypatch.setattr(torch, "save", dying_save)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from wsss.engine.demo import format_demo_table, native_bf16
@@ -47,18 +48,15 @@ def test_demo_table_names_the_starting_weights():
     assert "from scratch" not in first[1] + first[2]
 
 
-def test_running_the_demo_again_continues_its_run_instead_of_refusing(tmp_path, capsys):
+@pytest.mark.slow
+def test_running_the_demo_again_continues_its_run_instead_of_refusing(demo_data, tiny_overrides, tmp_path, caplog):
     """`wsss demo` twice (the README's first command, run again): the second continues the finished run
     (the trainer refuses a new run in a work dir that holds one) and prints the same table."""
-    from wsss.data.demo import build_demo_dataset
     from wsss.engine.demo import run_demo
 
-    data = build_demo_dataset(tmp_path / "data", num_classes=2, image_size=64, num_train=8, num_val=4)
-    tiny = ["data.crop_size=64", "data.batch_size=4", "data.total_batch_size=4", "data.num_workers=0",
-            "model.seg_embed_dim=32", "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0", "eval.long_side=64",
-            "train.iterations=3", "train.cam_iters=1", "train.afa_label_iter=3", "train.warmup_iters=1",
-            "train.val_interval=0", "train.precision=fp32", "train.device=cpu"]
-    first = run_demo(tmp_path / "work", data, overrides=tiny)
-    second = run_demo(tmp_path / "work", data, overrides=tiny)
-    assert "continuing the demo run" in capsys.readouterr().out
+    tiny = tiny_overrides("eval.long_side=64", "train.iterations=3", "train.cam_iters=1", "train.afa_label_iter=3",
+                          "train.warmup_iters=1", "train.val_interval=0", "train.precision=fp32", "train.device=cpu")
+    first = run_demo(tmp_path / "work", demo_data, overrides=tiny)
+    second = run_demo(tmp_path / "work", demo_data, overrides=tiny)
+    assert "continuing the demo run" in caplog.text
     assert second["rows"] == first["rows"] and second["iterations"] == first["iterations"] == 3

@@ -11,33 +11,25 @@ import pytest
 import torch
 import yaml
 
-from wsss.config import load_config
-from wsss.data.demo import build_demo_dataset
 from wsss.errors import WsssError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TINY = [  # a minimal run: mit_tiny, crop 64, 6 iterations on the CPU, one validation (best_miou recorded)
-    "train.device=cpu", "data.crop_size=64", "data.batch_size=4", "data.total_batch_size=4", "data.num_workers=0",
-    "model.seg_embed_dim=32", "train.iterations=6", "train.cam_iters=2", "train.afa_label_iter=4",
-    "train.warmup_iters=2", "train.val_interval=6", "train.ckpt_interval=6", "train.log_interval=6",
-    "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0", "eval.long_side=72",
-]
+# the tiny run of tests/conftest.py (mit_tiny, crop 64, 6 iterations) on the CPU, one validation (best_miou recorded)
+EXTRAS = ["train.device=cpu", "train.val_interval=6", "train.ckpt_interval=6", "train.log_interval=6",
+          "eval.long_side=72"]
 EXPORT_FILES = ["README.md", "classes.json", "config.yaml", "model.safetensors"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
+def trained(demo_data, tiny_config, tmp_path_factory) -> tuple[Path, Path]:
     """(demo data root, checkpoint of a 6-iteration mit_tiny run on it)."""
     from wsss.engine.trainer import train
 
     tmp = tmp_path_factory.mktemp("export")
-    root = build_demo_dataset(tmp / "demo", num_classes=2, image_size=64, num_train=8, num_val=4)
-    cfg = load_config("demo", [f"data.root={root}", f"train.work_dir={tmp / 'work'}", *TINY])
+    cfg = tiny_config(f"data.root={demo_data}", f"train.work_dir={tmp / 'work'}", *EXTRAS)
     summary = train(cfg)
-    return root, Path(summary["last_checkpoint"])
-
-
+    return demo_data, Path(summary["last_checkpoint"])
 
 
 @pytest.fixture(scope="module")

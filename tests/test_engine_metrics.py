@@ -133,6 +133,7 @@ def _reduce_worker(rank: int, world: int, init_file: str, queue) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_reduce_sums_the_matrices_of_all_ranks(tmp_path):
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.Queue()

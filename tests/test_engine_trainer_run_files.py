@@ -9,8 +9,6 @@ import sys
 import pytest
 import torch
 
-from wsss.config import load_config
-from wsss.data.demo import build_demo_dataset
 from wsss.engine.trainer import train
 from wsss.errors import WsssError
 
@@ -18,30 +16,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_demo_dataset(tmp_path_factory.mktemp("runfiles") / "demo", num_classes=3, image_size=64,
-                              num_train=12, num_val=4)
+def config(demo_data_3cls, tiny_config):
+    """config(work, *overrides) -> the tiny run of tests/conftest.py on demo_data_3cls (3 classes, 16 + 4 images)."""
 
+    def make(work, *overrides):
+        return tiny_config(
+            f"data.root={demo_data_3cls}", f"train.work_dir={work}", "afa.radius=2", "train.log_interval=2",
+            "train.val_interval=3", "train.ckpt_interval=2", "train.image_log_interval=0", *overrides,
+        )
 
-def config(data, work, *overrides):
-    return load_config("demo", [
-        f"data.root={data}", f"train.work_dir={work}", "data.num_workers=0", "data.crop_size=64",
-        "data.batch_size=4", "data.total_batch_size=4", "model.seg_embed_dim=32", "cam.scales=[1.0,0.5]",
-        "afa.affinity_scale=1.0", "afa.radius=2", "train.iterations=6", "train.cam_iters=2", "train.afa_label_iter=4",
-        "train.warmup_iters=2", "train.log_interval=2", "train.val_interval=3", "train.ckpt_interval=2",
-        "train.image_log_interval=0", *overrides,
-    ])
+    return make
 
 
 @pytest.fixture(scope="module")
-def run(data, tmp_path_factory):
+def run(config, tmp_path_factory):
     """One run with every run file switched on: kept checkpoints, a validation subset, W&B offline."""
     work = tmp_path_factory.mktemp("run")
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("WANDB_SILENT", "true")
     try:
-        summary = train(config(data, work, "train.keep_checkpoints=2", "data.val_limit=2",
+        summary = train(config(work, "train.keep_checkpoints=2", "data.val_limit=2",
                                "train.loggers=[tensorboard,wandb]"))
     finally:
         mp.undo()
@@ -52,7 +47,8 @@ def records(work, kind):
     return [r for r in map(json.loads, (work / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def test_metrics_jsonl_holds_losses_throughput_and_validation_per_class(run, data):
+@pytest.mark.slow
+def test_metrics_jsonl_holds_losses_throughput_and_validation_per_class(run, demo_data_3cls):
     work, _ = run
     train_rows = records(work, "train")
     assert [r["iteration"] for r in train_rows] == [2, 4, 6]
@@ -61,10 +57,11 @@ def test_metrics_jsonl_holds_losses_throughput_and_validation_per_class(run, dat
     val_rows = records(work, "val")
     assert [r["iteration"] for r in val_rows] == [3, 6]
     assert set(val_rows[0]["miou"]) == {"cam", "afa", "seg", "par"}
-    classes = (data / "classes.txt").read_text().split()
+    classes = (demo_data_3cls / "classes.txt").read_text().split()
     assert list(val_rows[0]["per_class_iou"]["seg"]) == classes and len(classes) == 4
 
 
+@pytest.mark.slow
 def test_a_validation_subset_during_training_and_the_whole_split_at_the_end(run):
     work, _ = run
     assert {r["num_images"] for r in records(work, "val")} == {2}
@@ -73,6 +70,7 @@ def test_a_validation_subset_during_training_and_the_whole_split_at_the_end(run)
     assert "val_full mIoU (4 images)" in (work / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_the_last_interval_checkpoints_are_kept_beside_last_and_best(run):
     work, _ = run
     kept = sorted(p.name for p in work.glob("iter_*.pt"))
@@ -81,6 +79,7 @@ def test_the_last_interval_checkpoints_are_kept_beside_last_and_best(run):
     assert (work / "last.pt").is_file() and (work / "best.pt").is_file()
 
 
+@pytest.mark.slow
 def test_weights_and_biases_logs_offline_into_the_work_dir(run):
     work, _ = run
     assert (work / "wandb_id.txt").is_file()
@@ -88,21 +87,23 @@ def test_weights_and_biases_logs_offline_into_the_work_dir(run):
     assert list((work / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
 
 
-def test_a_work_dir_that_holds_a_run_is_refused_without_resume(data, run):
+@pytest.mark.slow
+def test_a_work_dir_that_holds_a_run_is_refused_without_resume(config, run):
     work, _ = run
     with pytest.raises(WsssError, match="already holds a run.*--resume auto"):
-        train(config(data, work))
+        train(config(work))
 
 
-def test_resume_auto_without_a_config_continues_the_run_in_the_work_dir(data, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_resume_auto_without_a_config_continues_the_run_in_the_work_dir(config, tmp_path, monkeypatch):
     """`wsss train --resume auto --work-dir W`: the config saved in W's last.pt, to the same weights as a
     straight run."""
     from wsss.cli import main
 
     straight = tmp_path / "straight"
-    train(config(data, straight))
+    train(config(straight))
     paused = tmp_path / "paused"
-    train(config(data, paused), stop_after=3)
+    train(config(paused), stop_after=3)
     monkeypatch.setattr(sys, "argv", ["wsss", "train", "--resume", "auto", "--work-dir", str(paused)])
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -114,6 +115,6 @@ def test_resume_auto_without_a_config_continues_the_run_in_the_work_dir(data, tm
         assert torch.equal(b["model"][name], value), name
 
 
-def test_resume_auto_without_a_checkpoint_is_a_clear_error(data, tmp_path):
+def test_resume_auto_without_a_checkpoint_is_a_clear_error(config, tmp_path):
     with pytest.raises(WsssError, match="holds no last.pt"):
-        train(config(data, tmp_path / "empty"), resume="auto")
+        train(config(tmp_path / "empty"), resume="auto")

@@ -8,15 +8,13 @@ import numpy as np
 import pytest
 
 from wsss.data.io import VOC_PALETTE
+from wsss.engine.colors import HEAT_LUT, colorize_label, heatmap
 from wsss.engine.viz import (
     COLUMNS,
     GAP,
-    HEAT_LUT,
     TILE_SIZE,
     ImageMaps,
     IndexEntry,
-    colorize_label,
-    heatmap,
     image_miou,
     legend_entries,
     render_panel,

@@ -201,6 +201,7 @@ def _legacy_hf_names(state: dict) -> dict:
     return out
 
 
+@pytest.mark.slow  # imports transformers and builds a SegFormer-B0: about 2 s
 def test_official_and_hugging_face_files_reproduce_transformers_hidden_states(tmp_path):
     from safetensors.torch import save_file
 

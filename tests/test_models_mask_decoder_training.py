@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss.config import IMAGENET_MEAN, IMAGENET_STD, MaskDecoderConfig
-from wsss.data.demo import build_demo_dataset
 from wsss.data.io import read_image, read_label_png
 from wsss.models.mask_decoder import MaskDecoderHead
 
@@ -47,11 +46,10 @@ class TinyBackbone(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def demo_batch(tmp_path_factory):
+def demo_batch(demo_data_3cls):
     """Normalized images [2, 3, 64, 64] and pseudo labels [2, 64, 64] (255 = ignore)."""
-    root = build_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", num_classes=NUM_CLASSES - 1,
-                              image_size=64, num_train=2, num_val=1)
-    names = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    root = demo_data_3cls  # 3 digit classes (NUM_CLASSES - 1); its first 2 training images (tests/conftest.py)
+    names = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:2]
     images = np.stack([read_image(root / "JPEGImages" / f"{n}.jpg") for n in names])
     labels = np.stack([read_label_png(root / "SegmentationClass" / f"{n}.png") for n in names])
     images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255

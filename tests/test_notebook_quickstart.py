@@ -61,6 +61,7 @@ def test_notebook_is_stored_without_outputs_and_starts_with_parameters():
     assert nb.metadata["kernelspec"]["name"] == "python3"
 
 
+@pytest.mark.slow
 def test_notebook_runs_with_reduced_parameters(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     index, cell = parameter_cell(nb)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wsss.data.demo import build_demo_dataset
+pytestmark = pytest.mark.slow  # torchrun with two processes
 
 TINY = [
     "data.crop_size=64", "data.num_workers=0", "model.seg_embed_dim=32", "model.drop_path_rate=0.0",
@@ -32,9 +32,8 @@ def run(work: Path, data: Path, *overrides: str, processes: int = 1) -> subproce
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_demo_dataset(tmp_path_factory.mktemp("ddp") / "demo", num_classes=3, image_size=64, num_train=16,
-                              num_val=4)
+def data(demo_data_3cls):
+    return demo_data_3cls
 
 
 def test_two_processes_of_batch_2_take_the_same_steps_as_one_process_of_batch_4(data, tmp_path):

@@ -13,7 +13,6 @@ import torch
 
 from wsss.config import load_config
 from wsss.data.datasets import build_dataset
-from wsss.data.demo import build_demo_dataset
 from wsss.data.io import read_label_png
 from wsss.engine.checkpoint import save_checkpoint
 from wsss.engine.evaluation import evaluate_prediction_dir
@@ -30,9 +29,9 @@ FAST = ["data.num_workers=0", "eval.long_side=64", "eval.scales=[1.0,0.5]", "eva
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(demo_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    root = build_demo_dataset(tmp / "demo", num_classes=2, image_size=64, num_train=6, num_val=4)
+    root = demo_data
     cfg = load_config("demo", [f"data.root={root}", f"train.work_dir={tmp / 'work'}", "train.device=cpu", *FAST])
     torch.manual_seed(0)
     network = build_network(cfg, 3)

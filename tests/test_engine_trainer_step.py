@@ -9,10 +9,11 @@ import torch
 
 from wsss.config import load_config
 from wsss.engine.schedule import build_scheduler, lr_factor
+from wsss.engine.loader import build_train_loader, iterate_batches
 from wsss.engine.trainer import (
-    NO_TIMER, PhaseTimer, build_optimizer, build_scaler, cam_path_is_deterministic, iterate_batches, make_pseudo_labels,
-    present_classes, train_step,
+    NO_TIMER, PhaseTimer, build_optimizer, build_scaler, cam_path_is_deterministic, make_pseudo_labels, train_step,
 )
+from wsss.method.pseudo_labels import present_classes
 from wsss.models.network import build_network
 
 K = 3  # foreground classes of the tiny setting
@@ -21,13 +22,11 @@ K = 3  # foreground classes of the tiny setting
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def tiny_config(*overrides: str):
-    return load_config("demo", [
-        "data.crop_size=64", "data.batch_size=2", "data.total_batch_size=2", "model.seg_embed_dim=32",
-        "cam.scales=[1.0,0.5]",
-        "afa.affinity_scale=1.0", "afa.radius=2", "train.cam_iters=2", "train.afa_label_iter=4",
-        "train.iterations=10", "train.warmup_iters=2", *overrides,
-    ])
+@pytest.fixture
+def tiny_config(tiny_config):
+    """tests/conftest.py's tiny config with this module's batch of 2 and 10 iterations."""
+    return lambda *overrides: tiny_config("data.batch_size=2", "data.total_batch_size=2", "data.num_workers=2",
+                                          "train.iterations=10", *overrides)
 
 
 def tiny_batch(b: int = 2, size: int = 64) -> dict:
@@ -61,7 +60,7 @@ def test_lr_rises_linearly_from_the_warmup_ratio_then_follows_the_official_poly_
     assert lr_factor(50, squared) == pytest.approx(0.25)
 
 
-def test_scheduler_sets_each_group_to_lr_times_its_multiplier():
+def test_scheduler_sets_each_group_to_lr_times_its_multiplier(tiny_config):
     cfg = tiny_config("train.lr=1e-3", "train.head_lr_mult=10")
     network, optimizer, scheduler = build(cfg)
     for _ in range(3):
@@ -80,7 +79,7 @@ def test_present_classes_lists_each_images_classes_first_padded_with_absent_ones
     assert index.tolist() == [[1, 3], [2, 0], [0, 1]]
 
 
-def test_pseudo_labels_on_the_present_classes_equal_those_on_all_classes():
+def test_pseudo_labels_on_the_present_classes_equal_those_on_all_classes(tiny_config):
     cfg = tiny_config("model.drop_path_rate=0.0")
     network, _, _ = build(cfg)
     batch = tiny_batch()
@@ -92,7 +91,7 @@ def test_pseudo_labels_on_the_present_classes_equal_those_on_all_classes():
     assert compact.cams.shape[1] == 2 and full.cams.shape[1] == K
 
 
-def test_main_pass_cams_are_reused_only_without_drop_path():
+def test_main_pass_cams_are_reused_only_without_drop_path(tiny_config):
     with_drop_path = build(tiny_config("model.drop_path_rate=0.1"))[0]
     without = build(tiny_config("model.drop_path_rate=0.0"))[0]
     assert not cam_path_is_deterministic(with_drop_path)
@@ -100,7 +99,7 @@ def test_main_pass_cams_are_reused_only_without_drop_path():
     assert cam_path_is_deterministic(with_drop_path.eval())
 
 
-def test_reused_main_pass_gives_the_same_pseudo_labels_as_a_separate_pass():
+def test_reused_main_pass_gives_the_same_pseudo_labels_as_a_separate_pass(tiny_config):
     cfg = tiny_config("model.drop_path_rate=0.0")
     network, _, _ = build(cfg)
     batch = tiny_batch()
@@ -113,7 +112,7 @@ def test_reused_main_pass_gives_the_same_pseudo_labels_as_a_separate_pass():
     assert torch.equal(reused.label, separate.label)
 
 
-def test_warmup_step_trains_only_the_classification_path():
+def test_warmup_step_trains_only_the_classification_path(tiny_config):
     cfg = tiny_config()
     network, optimizer, scheduler = build(cfg)
     seg_before = [p.detach().clone() for p in network.seg_head.parameters()]
@@ -136,7 +135,7 @@ def test_warmup_step_trains_only_the_classification_path():
 
 
 @pytest.mark.parametrize("iteration, target", [(2, "par"), (4, "afa")])
-def test_full_step_trains_every_head_with_finite_losses(iteration, target):
+def test_full_step_trains_every_head_with_finite_losses(tiny_config, iteration, target):
     cfg = tiny_config()
     network, optimizer, scheduler = build(cfg)
     before = {n: p.detach().clone() for n, p in network.named_parameters()}
@@ -153,7 +152,7 @@ def test_full_step_trains_every_head_with_finite_losses(iteration, target):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_step_runs_on_cpu(precision):
+def test_reduced_precision_step_runs_on_cpu(tiny_config, precision):
     cfg = tiny_config(f"train.precision={precision}")
     network, optimizer, scheduler = build(cfg)
     scaler = build_scaler(cfg, torch.device("cpu"))
@@ -176,9 +175,8 @@ def _take(loader, sampler, epoch, consumed, count):
     return [(e, c, b["index"].tolist(), b["draw"].tolist()) for (e, c, b), _ in zip(it, range(count))]
 
 
-def test_batches_resume_mid_epoch_in_the_same_order_with_the_same_augmentation_draws():
+def test_batches_resume_mid_epoch_in_the_same_order_with_the_same_augmentation_draws(tiny_config):
     from wsss.engine.distributed import DistContext
-    from wsss.engine.trainer import build_train_loader
 
     cfg = tiny_config("data.batch_size=3", "data.total_batch_size=3", "data.num_workers=0", "train.seed=7")
     ctx = DistContext(0, 0, 1, torch.device("cpu"))
@@ -244,7 +242,7 @@ def _halves(batch: dict) -> list[dict]:
     return [{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)]
 
 
-def test_accumulated_warmup_step_has_the_gradients_of_the_whole_batch():
+def test_accumulated_warmup_step_has_the_gradients_of_the_whole_batch(tiny_config):
     """Classification loss (warm-up) is a mean over images: 2 micro-batches of 1 accumulated give the
     gradients of one batch of 2 (no BatchNorm on this path)."""
     cfg = tiny_config("model.drop_path_rate=0.0")
@@ -255,7 +253,7 @@ def test_accumulated_warmup_step_has_the_gradients_of_the_whole_batch():
         assert torch.allclose(accumulated[name], grad, atol=1e-6, rtol=1e-5), name
 
 
-def test_accumulated_full_step_averages_the_micro_batch_gradients():
+def test_accumulated_full_step_averages_the_micro_batch_gradients(tiny_config):
     """After the warm-up each micro-batch's losses (per-micro-batch pseudo labels, seg-head BatchNorm over
     the micro-batch, as each GPU of the published 2 x 2 run) are averaged: the gradient is the mean of the
     micro-batches' own gradients, as DDP's average over two processes (dropout off: same random draws)."""
@@ -269,7 +267,7 @@ def test_accumulated_full_step_averages_the_micro_batch_gradients():
 
 
 @pytest.mark.parametrize("switch", [False, True])
-def test_affinity_labels_switch_to_the_afa_label_only_when_configured(switch):
+def test_affinity_labels_switch_to_the_afa_label_only_when_configured(tiny_config, switch):
     """VOC script: affinity labels from the PAR-refined CAM label throughout; COCO script
     (train.afa_label_for_affinity): from the AFA label once it is the seg target."""
     from wsss.engine.trainer import _micro_step
@@ -298,7 +296,7 @@ def test_coco_and_voc_configs_follow_their_official_scripts():
     assert load_config("demo").model.pretrained == "none"
 
 
-def test_the_seg_head_gets_sync_batchnorm_under_ddp_on_accelerators_only():
+def test_the_seg_head_gets_sync_batchnorm_under_ddp_on_accelerators_only(tiny_config):
     from wsss.engine.distributed import DistContext
     from wsss.engine.trainer import use_sync_batchnorm
 
@@ -315,7 +313,7 @@ def test_the_seg_head_gets_sync_batchnorm_under_ddp_on_accelerators_only():
     assert not converted(1, "cuda") and not converted(2, "cpu") and not converted(2, "cuda", enabled=False)
 
 
-def test_reg_loss_enters_the_total_only_with_a_positive_weight():
+def test_reg_loss_enters_the_total_only_with_a_positive_weight(tiny_config):
     cfg_off = tiny_config("model.drop_path_rate=0.0")
     cfg_on = tiny_config("model.drop_path_rate=0.0", "train.reg_loss_weight=1e-6")
     from wsss.engine.trainer import _micro_step

@@ -52,6 +52,7 @@ def assert_panel_ok(path: Path) -> None:
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100, f"{path} has too few colours"
 
 
+@pytest.mark.slow  # trains the module's checkpoint
 def test_split_panels_and_index_list_every_image(checkpoint, demo_root, tmp_path):
     index = visualize(checkpoint, tmp_path / "viz", split="val", limit=3)
     assert index == tmp_path / "viz" / "index.html"
@@ -68,6 +69,7 @@ def test_split_panels_and_index_list_every_image(checkpoint, demo_root, tmp_path
     assert all(r["classes_from"] == "labels" for r in rows)
 
 
+@pytest.mark.slow  # trains the module's checkpoint
 def test_image_files_use_predicted_classes_and_have_no_iou(checkpoint, demo_root, tmp_path):
     first = demo_root / "JPEGImages" / "val_0000.jpg"
     other_dir = tmp_path / "other"
@@ -82,6 +84,7 @@ def test_image_files_use_predicted_classes_and_have_no_iou(checkpoint, demo_root
     assert "n/a" in index.read_text()
 
 
+@pytest.mark.slow  # trains the module's checkpoint
 def test_visualize_needs_exactly_one_source_and_readable_images(checkpoint, tmp_path):
     with pytest.raises(WsssError, match="either a split or one or more image files"):
         visualize(checkpoint, tmp_path, split=None, images=[])
@@ -91,6 +94,7 @@ def test_visualize_needs_exactly_one_source_and_readable_images(checkpoint, tmp_
         visualize(checkpoint, tmp_path, images=[tmp_path / "missing.jpg"])
 
 
+@pytest.mark.slow  # trains the module's checkpoint
 def test_cli_viz_writes_panels_and_index(checkpoint, tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO / "cli.py"), "viz", "--checkpoint", str(checkpoint), "--split", "val",
