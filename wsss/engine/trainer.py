@@ -4,16 +4,17 @@ One iteration (:func:`train_step`), t = optimizer steps done before it::
 
     network(images)                      cls logits, CAMs, seg logits, affinity A  (grad)
     t < train.cam_iters:                 loss = cls_w * L_cls          (CAM-only warm-up)
-    otherwise, without gradients:
-      multiscale_cam(cam_forward)        CAMs [B, K, H, W]; affinity of the afa.affinity_scale pass
-      refine_cams_to_label               high/low thresholds + PAR -> label (255 = ignore)
+    otherwise, without gradients (wsss.method.pseudo_labels):
+      cam_maps(cam_forward)              CAMs [B, K', H, W] of the present classes; affinity of the
+                                         afa.affinity_scale pass
+      pseudo_labels                      high/low thresholds + PAR -> label (255 = ignore);
+                                         t >= train.afa_label_iter: random walk of the CAMs with that
+                                         affinity, high/low + PAR -> AFA label (the seg target from then on)
       affinity_labels                    label nearest-downsampled to the main pass's token grid
-      t >= train.afa_label_iter:         random walk of the CAMs with the multi-scale affinity,
-                                         high/low + PAR -> AFA label (the seg target from then on)
     loss = cls_w * L_cls + seg_w * L_seg(target) + aff_w * L_aff(A, affinity labels)
     backward, AdamW step, warm-up + poly schedule
 
-Network passes run under ``torch.autocast`` when ``train.precision`` is bf16 / fp16
+Network passes run under ``wsss.engine.runtime.autocast`` (``train.precision`` bf16, or fp16 on CUDA)
 (GradScaler for fp16); everything after them (thresholds, PAR, random walk, losses) runs
 outside autocast in float32. No host synchronisation in the loop: losses are summed as
 tensors and read (``.item()``) only every ``train.log_interval`` iterations.
