@@ -179,7 +179,7 @@ def _resumed_config(resume: str, overrides: Optional[List[str]], data_root: Opti
                     work_dir: Optional[Path]):
     """The config saved in the checkpoint that ``--resume`` names (with overrides, data root and work dir)."""
     from wsss.engine.checkpoint import checkpoint_config, load_checkpoint
-    from wsss.engine.trainer import resolve_resume
+    from wsss.engine.run_files import resolve_resume
 
     if str(resume) == "auto" and work_dir is None:
         raise WsssError("--resume auto without a config needs --work-dir: the run to continue")
