@@ -122,3 +122,16 @@ def demo_data_3cls(tmp_path_factory):
     4 val, seed 0 -> its root. Its first images are those of any smaller 3-class build (same seed and size)."""
     yield from _shared_demo(tmp_path_factory, "demo_data_3cls", num_classes=3, image_size=64, num_train=16,
                             num_val=4)
+
+
+@pytest.fixture(scope="session")
+def train_tiny(tiny_config, tmp_path_factory) -> Callable[..., Path]:
+    """``train_tiny(name, data_root, *extras)`` -> the last checkpoint of a tiny run (``tiny_config`` + ``extras``)
+    on ``data_root``, in a fresh work dir ``name``. For module fixtures that need one trained checkpoint."""
+    from wsss.engine.trainer import train
+
+    def run(name: str, data_root: Path, *extras: str) -> Path:
+        work = tmp_path_factory.mktemp(name) / "work"
+        return Path(train(tiny_config(f"data.root={data_root}", f"train.work_dir={work}", *extras))["last_checkpoint"])
+
+    return run

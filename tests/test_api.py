@@ -24,14 +24,9 @@ FAST = ["train.device=cpu", "data.num_workers=0", "eval.long_side=72", "eval.sca
 
 
 @pytest.fixture(scope="module")
-def trained(demo_data, tiny_config, tmp_path_factory) -> tuple[Path, Path]:
+def trained(demo_data, train_tiny) -> tuple[Path, Path]:
     """(demo data root, checkpoint of a 6-iteration mit_tiny run on it)."""
-    from wsss.engine.trainer import train
-
-    tmp = tmp_path_factory.mktemp("predict")
-    cfg = tiny_config(f"data.root={demo_data}", f"train.work_dir={tmp / 'work'}", *EXTRAS)
-    summary = train(cfg)
-    return demo_data, Path(summary["last_checkpoint"])
+    return demo_data, train_tiny("predict", demo_data, *EXTRAS)
 
 
 def val_images(root: Path) -> list[Path]:

@@ -15,32 +15,18 @@ import pytest
 from PIL import Image
 
 from wsss.config import load_config
-from wsss.data.demo import build_demo_dataset
 from wsss.engine.viz import COLUMNS, GAP, TILE_SIZE, compute_maps, render_panel, visualize
 from wsss.errors import WsssError
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [  # a minimal run: mit_tiny, crop 64, 8 iterations on CPU
-    "train.device=cpu", "data.crop_size=64", "data.batch_size=4", "data.total_batch_size=4", "data.num_workers=0",
-    "train.iterations=8", "train.cam_iters=2", "train.afa_label_iter=4", "train.warmup_iters=2",
-    "train.val_interval=0", "train.ckpt_interval=8", "train.log_interval=4",
-    "eval.long_side=64", "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0",
-]
+# the tiny run of tests/conftest.py with 8 iterations and this module's seg head width
+EXTRAS = ["model.seg_embed_dim=256", "train.device=cpu", "train.iterations=8", "train.val_interval=0",
+          "train.ckpt_interval=8", "train.log_interval=4", "eval.long_side=64"]
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    return build_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0, num_train=16, num_val=4, image_size=64)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(demo_root, tmp_path_factory) -> Path:
-    from wsss.engine.trainer import train
-
-    work_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config("demo", [f"data.root={demo_root}", f"train.work_dir={work_dir}", *TINY])
-    summary = train(cfg)
-    return Path(summary["last_checkpoint"])
+def checkpoint(demo_data_3cls, train_tiny) -> Path:
+    return train_tiny("viz", demo_data_3cls, *EXTRAS)
 
 
 def assert_panel_ok(path: Path) -> None:
@@ -53,7 +39,7 @@ def assert_panel_ok(path: Path) -> None:
 
 
 @pytest.mark.slow  # trains the module's checkpoint
-def test_split_panels_and_index_list_every_image(checkpoint, demo_root, tmp_path):
+def test_split_panels_and_index_list_every_image(checkpoint, demo_data_3cls, tmp_path):
     index = visualize(checkpoint, tmp_path / "viz", split="val", limit=3)
     assert index == tmp_path / "viz" / "index.html"
     panels = sorted(p.name for p in (tmp_path / "viz").glob("*.png"))
@@ -70,11 +56,11 @@ def test_split_panels_and_index_list_every_image(checkpoint, demo_root, tmp_path
 
 
 @pytest.mark.slow  # trains the module's checkpoint
-def test_image_files_use_predicted_classes_and_have_no_iou(checkpoint, demo_root, tmp_path):
-    first = demo_root / "JPEGImages" / "val_0000.jpg"
+def test_image_files_use_predicted_classes_and_have_no_iou(checkpoint, demo_data_3cls, tmp_path):
+    first = demo_data_3cls / "JPEGImages" / "val_0000.jpg"
     other_dir = tmp_path / "other"
     other_dir.mkdir()
-    same_stem = shutil.copy(demo_root / "JPEGImages" / "val_0001.jpg", other_dir / "val_0000.jpg")
+    same_stem = shutil.copy(demo_data_3cls / "JPEGImages" / "val_0001.jpg", other_dir / "val_0000.jpg")
     index = visualize(checkpoint, tmp_path / "viz", images=[first, same_stem])
     rows = json.loads((tmp_path / "viz" / "index.json").read_text())
     assert sorted(r["panel"] for r in rows) == ["val_0000.png", "val_0000_2.png"]  # no panel overwritten
@@ -112,14 +98,14 @@ def test_cli_viz_writes_panels_and_index(checkpoint, tmp_path):
      "model.mask_decoder.hidden_dim=32", "model.mask_decoder.ffn_dim=64", "model.mask_decoder.num_heads=2",
      "model.mask_decoder.soft_mask_scales=[8.0,4.0]"],
 ], ids=["vit", "pvt_v2", "mask_decoder"])
-def test_compute_maps_works_for_every_backbone_and_seg_head(demo_root, overrides):
+def test_compute_maps_works_for_every_backbone_and_seg_head(demo_data_3cls, overrides):
     import torch
 
     from wsss.data.datasets import build_dataset
     from wsss.models.network import build_network
 
     torch.manual_seed(0)
-    cfg = load_config("demo", [f"data.root={demo_root}", "eval.long_side=64", "cam.scales=[1.0]",
+    cfg = load_config("demo", [f"data.root={demo_data_3cls}", "eval.long_side=64", "cam.scales=[1.0]",
                                "afa.affinity_scale=1.0", *overrides])
     dataset = build_dataset(cfg.data, "val", train=False)
     network = build_network(cfg, dataset.num_classes)
@@ -134,14 +120,14 @@ def test_compute_maps_works_for_every_backbone_and_seg_head(demo_root, overrides
     assert np.asarray(render_panel(maps)).std() > 20
 
 
-def test_compute_maps_predicts_classes_without_labels_and_restores_train_mode(demo_root):
+def test_compute_maps_predicts_classes_without_labels_and_restores_train_mode(demo_data_3cls):
     import torch
 
     from wsss.data.datasets import build_dataset
     from wsss.models.network import build_network
 
     torch.manual_seed(0)
-    cfg = load_config("demo", [f"data.root={demo_root}", "eval.long_side=64", "cam.scales=[1.0]",
+    cfg = load_config("demo", [f"data.root={demo_data_3cls}", "eval.long_side=64", "cam.scales=[1.0]",
                                "afa.affinity_scale=1.0"])
     dataset = build_dataset(cfg.data, "val", train=False)
     network = build_network(cfg, dataset.num_classes).train()

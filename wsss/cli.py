@@ -15,6 +15,7 @@ from typing import List, Optional
 import typer
 
 from wsss.config import load_config
+from wsss.data.demo import DemoOptions  # cheap: the generator loads NumPy, Pillow, SciPy on first use
 from wsss.errors import WsssError
 
 app = typer.Typer(
@@ -97,9 +98,6 @@ def config_show(
 
 # --------------------------------------------------------------------------- data
 
-
-# Imported here, beside its one user (cheap: the generator loads NumPy, Pillow, SciPy on first use).
-from wsss.data.demo import DemoOptions
 
 _DEMO = DemoOptions()  # the generator's defaults: `wsss data demo` shows them and repeats none
 

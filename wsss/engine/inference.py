@@ -355,20 +355,16 @@ def generate_pseudo_labels(
                                      item["mask"].shape)
 
         start = time.perf_counter()
-        pool = crf_pool(cfg, crf)
-        try:
+        with crf_pool(cfg, crf) as pool:
             outputs = run_over_split(dataset, todo, predict, ctx.device, cfg.train.precision, pool,
                                      cfg.data.num_workers)
             _write_labels(tqdm(outputs, total=len(todo), desc=f"pseudo labels ({method})", disable=ctx.rank != 0,
                                unit="img"), out, save_probs, cm)
-        finally:
-            if pool is not None:
-                pool.close()
         if cm is not None:  # the labels written by an earlier, interrupted run count too
             for index in sorted(set(mine).difference(todo)):
                 cm.update(read_label_png(out / f"{dataset.names[index]}.png"), dataset.load_mask(index))
         elapsed = time.perf_counter() - start
-        written, skipped, seconds = sum_over_ranks([len(todo), len(mine) - len(todo), elapsed], ctx.device)
+        written, skipped = sum_over_ranks([len(todo), len(mine) - len(todo)], ctx.device)
         barrier()
         if ctx.rank == 0:
             logger.info("wrote %d pseudo labels to %s (%d already there, skipped) in %.1f s: %.2f images/s%s",
@@ -444,8 +440,7 @@ def evaluate_checkpoint(
         indices = list(range(ctx.rank, len(dataset), ctx.world_size))
         cm = ConfusionMatrix(dataset.num_classes, device=device, class_names=dataset.class_names)
         start = time.perf_counter()
-        pool = crf_pool(cfg, crf)
-        try:
+        with crf_pool(cfg, crf) as pool:
             outputs = run_over_split(dataset, indices, _eval_predict_fn(network, cfg, target, msc, device), device,
                                      cfg.train.precision, pool, cfg.data.num_workers)
             desc = f"eval {target}{' msc' if msc else ''}{' crf' if crf else ''}"
@@ -458,9 +453,6 @@ def evaluate_checkpoint(
                     save_label(save / f"{item['name']}.png", label)
                 if has_gt:
                     cm.update(label, item["mask"].numpy())
-        finally:
-            if pool is not None:
-                pool.close()
         barrier()
         if ctx.rank == 0:
             where = f"; predictions in {save}" if save is not None else ""

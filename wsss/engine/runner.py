@@ -3,6 +3,7 @@ behind ``wsss pseudolabel`` / ``eval`` / ``viz`` and validation, and the files t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def run_over_split(
     predict: PredictFn,
     device: torch.device,
     precision: str,
-    crf_pool: Any | None = None,
+    pool: Any | None = None,
     num_workers: int = 0,
     raw_image: bool = False,
 ) -> Iterator[tuple[dict[str, Any], Any]]:
@@ -72,25 +73,25 @@ def run_over_split(
     loop behind pseudo labels, evaluation, validation and viz.
 
     Yields (item, output) per index, in order; ``item`` also holds "index" (and "raw", the uint8 image,
-    with ``raw_image``). With ``crf_pool`` the output must be probs [C, H0, W0]; they come back as a
+    with ``raw_image``). With a CrfPool ``pool`` the output must be probs [C, H0, W0]; they come back as a
     float32 array after DenseCRF (run in the pool's worker processes while the next images go through
     the network)."""
-    loader = split_loader(dataset, indices, raw_image or crf_pool is not None, num_workers)
+    loader = split_loader(dataset, indices, raw_image or pool is not None, num_workers)
 
     def forward() -> Iterator[tuple[dict[str, Any], Any, Any]]:
         for item in loader:
             with torch.inference_mode(), autocast(device, precision):
                 probs = predict(item)
-            if crf_pool is None:
+            if pool is None:
                 yield item, None, probs
             else:
                 yield item, np.asarray(item.pop("raw")), probs.float().cpu().numpy()
 
-    if crf_pool is None:
+    if pool is None:
         for item, _, probs in forward():
             yield item, probs
     else:
-        yield from crf_pool.imap(((item, raw, probs) for item, raw, probs in forward()))
+        yield from pool.imap(((item, raw, probs) for item, raw, probs in forward()))
 
 
 def to_label(probs: Tensor | np.ndarray) -> np.ndarray:
@@ -115,9 +116,11 @@ def save_label(path: Path, label: np.ndarray) -> None:
     atomic_write(path, lambda tmp: write_label_png(tmp, label))
 
 
-def crf_pool(cfg: Config, enabled: bool) -> Any | None:
+def crf_pool(cfg: Config, enabled: bool) -> contextlib.AbstractContextManager:
+    """``with crf_pool(cfg, crf) as pool:`` a CrfPool of ``eval.crf_workers`` processes (closed at the end of
+    the block), or None when DenseCRF is off."""
     if not enabled:
-        return None
+        return contextlib.nullcontext(None)
     from wsss.engine.crf import CrfPool
 
     return CrfPool(cfg.eval.crf_workers, cfg.eval)
