@@ -220,12 +220,13 @@ def test_variants_change_only_their_own_options():
         record = demo_variant(name).record()
         changed = {k for k in record.keys() | default.keys() if record.get(k) != default.get(k)}
         changed -= {"digits"} if "num_classes" in changes else set()  # the digits follow the class count
+        changed -= {"gray_contrast"} if changes.get("grayscale") else set()  # recorded with grayscale only
         assert changed == set(changes), name
     assert demo_variant("gray", num_train=30).num_train == 30
 
 
 def test_grayscale_is_the_colour_dataset_in_grey_levels(tmp_path):
-    gray = build_demo_dataset(tmp_path / "gray", seed=1, grayscale=True, texture=True, **SMALL)
+    gray = build_demo_dataset(tmp_path / "gray", seed=1, grayscale=True, texture=True, gray_contrast=0, **SMALL)
     colour = build_demo_dataset(tmp_path / "colour", seed=1, texture=True, **SMALL)
     assert json.loads((gray / "meta.json").read_text())["options"]["grayscale"] is True
     assert objects(gray) == objects(colour)  # same layout, digits and masks: only the pixels' colour differs
@@ -234,11 +235,39 @@ def test_grayscale_is_the_colour_dataset_in_grey_levels(tmp_path):
         assert a.mode == "RGB"
         pixels = np.asarray(a).astype(int)
         assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all(), name
-        rgb = np.asarray(Image.open(colour / "JPEGImages" / f"{name}.jpg")).astype(float)
-        luma = rgb @ np.array([0.299, 0.587, 0.114])
-        assert np.abs(pixels[..., 0] - luma).mean() < 3, name  # BT.601 grey levels of the colour image
+        assert np.abs(pixels[..., 0] - luma(colour / "JPEGImages" / f"{name}.jpg")).mean() < 3, name  # BT.601
         assert (read_label_png(gray / "SegmentationClass" / f"{name}.png")
                 == read_label_png(colour / "SegmentationClass" / f"{name}.png")).all()
+
+
+def luma(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(float) @ np.array([0.299, 0.587, 0.114])
+
+
+def test_grayscale_digits_keep_their_contrast_to_the_photo_around_them(tmp_path):
+    """In grey levels a red or blue digit can vanish into the photo: gray_contrast moves each digit's mean
+    grey level away from its surroundings'; the photo and the masks stay as the plain conversion's."""
+    from scipy import ndimage
+
+    plain = build_demo_dataset(tmp_path / "plain", seed=2, grayscale=True, gray_contrast=0, **SMALL)
+    kept = build_demo_dataset(tmp_path / "kept", seed=2, grayscale=True, **SMALL)
+    assert json.loads((kept / "meta.json").read_text())["options"]["gray_contrast"] == DemoOptions().gray_contrast
+    assert objects(kept) == objects(plain)
+    gaps = {"plain": [], "kept": []}
+    for name, records in objects(kept)["train"].items():
+        mask = read_label_png(kept / "SegmentationClass" / f"{name}.png")
+        assert (mask == read_label_png(plain / "SegmentationClass" / f"{name}.png")).all()
+        for key, root in (("plain", plain), ("kept", kept)):
+            grey = luma(root / "JPEGImages" / f"{name}.jpg")
+            for r in records:  # the digit's mean grey level vs the photo's in its box
+                y0, y1, x0, x1 = r["box"]
+                box, grey_box = mask[y0:y1, x0:x1], grey[y0:y1, x0:x1]
+                digit = grey_box[box == r["class"]]
+                if digit.size and (box == 0).any():
+                    gaps[key].append(abs(digit.mean() - grey_box[box == 0].mean()))
+        assert np.abs(luma(kept / "JPEGImages" / f"{name}.jpg") - luma(plain / "JPEGImages" / f"{name}.jpg")
+                      )[ndimage.binary_dilation(mask > 0, iterations=2) == 0].mean() < 1, name  # the photo
+    assert min(gaps["plain"]) < 20 < min(gaps["kept"])  # the plain conversion has a near-invisible digit
 
 
 def test_cli_grayscale_flag(tmp_path, wsss_here):
