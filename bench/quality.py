@@ -15,8 +15,10 @@ fresh), one variant after the other. Then it prints one table:
 - wall seconds per variant, and the 1-minute load average while it ran (mean / max of samples
   every few seconds: the figures depend on what else the machine runs);
 
-then the classification loss per variant (first / min / last logged mean, from the run's
-metrics.jsonl), and writes everything to a JSON file.
+then the same scores on the images with two or more classes only (PAR on train, seg on val, each
+next to fg+rnd on those images, where that baseline is not the ground truth) with the issue-13
+targets each variant misses (``target_misses``), the classification loss per variant (first / min
+/ last logged mean, from the run's metrics.jsonl), and writes everything to a JSON file.
 
     python3 bench/quality.py                                    # all six variants, the recipe: ~35 min on 2 cores
     python3 bench/quality.py --variants default gray --iterations 20 train.val_interval=0 train.log_interval=5
@@ -42,7 +44,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[\w.]+=")  # section.key=value, as the wsss CLI tells them
-LOAD_SAMPLE_S = 5.0  # seconds between load-average samples while a variant trains
+LOAD_SAMPLE_S = 5.0
+TARGET_F1 = 0.9  # issue 13: classifier macro F1 on val of every variant
+TARGET_ABOVE_BG = 15.0  # issue 13: PAR and seg mIoU points above "all background"  # seconds between load-average samples while a variant trains
 
 # The child: run_demo on one variant, its result dict to a JSON file (NaN kept: Python's json reads it back).
 CHILD = """
@@ -95,6 +99,53 @@ def single_class_share(data_dir: Path, split: str) -> float:
         mask = read_label_png(data_dir / "SegmentationClass" / f"{name}.png")
         single += len(np.setdiff1d(np.unique(mask), [0, IGNORE_VALUE])) == 1
     return single / max(len(names), 1)
+
+
+def multi_object_mious(entry: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """Scores on the images with two or more foreground classes only, where "true foreground, one random
+    present class" is not the ground truth: PAR pseudo labels (train, the run's saved PNGs) and the seg
+    head (val, ``wsss.api`` predictions), each next to that baseline on the same images (seed
+    ``BASELINE_SEED``) -> {"train": {"par", "fg_rnd", "images"}, "val": {"seg", "seg_all", "fg_rnd", "images"}};
+    ``seg_all``: the same predictions scored on every val image (to compare with run_demo's seg row)."""
+    import numpy as np
+
+    from wsss.api import load_model
+    from wsss.data.io import IGNORE_VALUE, read_label_png
+    from wsss.engine.demo import BASELINE_SEED
+    from wsss.engine.metrics import ConfusionMatrix
+
+    result = entry["result"]
+    num_classes = len((data_dir / "classes.txt").read_text().split())
+    model = load_model(result["checkpoint"], device="cpu")
+    out: dict[str, Any] = {}
+    for split, key in ((result["train_split"], "train"), (result["val_split"], "val")):
+        names = (data_dir / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+        masks = [read_label_png(data_dir / "SegmentationClass" / f"{n}.png").astype(np.int64) for n in names]
+        if key == "train":
+            preds = [read_label_png(Path(result["work_dir"]) / "pseudo_labels" / f"{split}_par" / f"{n}.png")
+                     for n in names]
+        else:
+            preds = model.predict([str(next((data_dir / "JPEGImages").glob(f"{n}.*"))) for n in names])
+        rng = np.random.default_rng(BASELINE_SEED)
+        scored, chance, every = (ConfusionMatrix(num_classes, ignore_index=IGNORE_VALUE) for _ in range(3))
+        count = 0
+        for mask, pred in zip(masks, preds):
+            pred = np.asarray(pred).astype(np.int64)
+            every.update(pred, mask)
+            foreground = (mask != 0) & (mask != IGNORE_VALUE)
+            present = np.unique(mask[foreground])
+            if len(present) < 2:
+                continue
+            count += 1
+            scored.update(pred, mask)
+            baseline = np.zeros_like(mask)
+            baseline[foreground] = rng.choice(present)
+            chance.update(baseline, mask)
+        out[key] = {"par" if key == "train" else "seg": scored.compute()["miou"],
+                    "fg_rnd": chance.compute()["miou"], "images": count}
+        if key == "val":
+            out[key]["seg_all"] = every.compute()["miou"]
+    return out
 
 
 def loss_summary(work_dir: Path) -> dict[str, Any]:
@@ -154,6 +205,20 @@ def run_variant(name: str, data_dir: Path, out: Path, overrides: list[str]) -> d
     return entry
 
 
+def target_misses(v: dict[str, Any]) -> list[str]:
+    """The issue-13 targets a finished variant misses (``format_table``'s last column)."""
+    r, m = v["result"], v["multi_object"]
+    f1, rows, base = r["classifier"]["macro_f1"], r["rows"], r["baselines"]
+    checks = [
+        (f"F1 {_num(f1, digits=3)} < {TARGET_F1}", f1 >= TARGET_F1),
+        (f"PAR < bg + {TARGET_ABOVE_BG:.0f}", rows["par"] >= base["train"]["all_background"] + TARGET_ABOVE_BG),
+        (f"seg < bg + {TARGET_ABOVE_BG:.0f}", rows["seg"] >= base["val"]["all_background"] + TARGET_ABOVE_BG),
+        ("PAR <= fg+rnd (2+ classes)", m["train"]["par"] > m["train"]["fg_rnd"]),
+        ("seg <= fg+rnd (2+ classes)", m["val"]["seg"] > m["val"]["fg_rnd"]),
+    ]
+    return [text for text, ok in checks if not ok]
+
+
 def _num(value: Any, scale: float = 1.0, digits: int = 1) -> str:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return "n/a"
@@ -193,6 +258,22 @@ def format_table(report: dict[str, Any]) -> str:
          "so it is a strong reference, not a floor."),
         (f"load: the 1-minute load average while the variant ran (mean/max of samples every {LOAD_SAMPLE_S:.0f} s); "
          "wall s: build excluded, child start-up included."),
+        "",
+        f"{'on images with 2+ classes':<26}{'PAR':>7}{'fg+rnd':>8}{'n':>5}{'seg':>7}{'fg+rnd':>8}{'n':>5}"
+        f"   targets (issue 13)",
+    ]
+    for name, v in report["variants"].items():
+        if "multi_object" not in v:
+            continue
+        tr, va = v["multi_object"]["train"], v["multi_object"]["val"]
+        misses = target_misses(v)
+        lines.append(f"  {name:<24}{_num(tr['par']):>7}{_num(tr['fg_rnd']):>8}{tr['images']:>5}"
+                     f"{_num(va['seg']):>7}{_num(va['fg_rnd']):>8}{va['images']:>5}"
+                     f"   {'all met' if not misses else 'missed: ' + '; '.join(misses)}")
+    lines += [
+        ("  PAR: pseudo labels on train, seg: the seg head on val, fg+rnd: as above, here never the ground truth. "
+         "Targets:"),
+        (f"  F1 >= {TARGET_F1}; PAR and seg >= bg + {TARGET_ABOVE_BG:.0f}; PAR and seg above fg+rnd on these images."),
         "",
         f"{'classification loss':<22}{'first':>16}{'min':>16}{'last':>16}   (iteration: logged mean)",
     ]
@@ -239,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{i}/{len(args.variants)}] {name}: training (log: {out / 'logs' / name}.log) ...", flush=True)
         entry = run_variant(name, data_dirs[name], out, args.overrides)
         report["variants"][name].update(entry)
+        if "result" in entry:
+            entry["multi_object"] = report["variants"][name]["multi_object"] = multi_object_mious(entry, data_dirs[name])
         if "error" in entry:
             done = "failed: " + entry["error"]
         else:
