@@ -1,4 +1,6 @@
-"""What the benchmark scripts share: peak memory, the timed repeat loop, one case per child process.
+"""What the benchmark scripts share: peak memory, the timed repeat loop, one case per child process, and
+the AFA training-step set-up of ``train_step.py`` / ``vs_official.py`` (config, network + optimizer, the
+fixed synthetic batch, one timed iteration split by phase).
 
 The scripts run as ``python3 bench/NAME.py``, so this folder is on ``sys.path`` and
 ``from _common import ...`` works in them and in their spawned children.
@@ -10,7 +12,7 @@ import multiprocessing as mp
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -60,3 +62,88 @@ def run_in_child(case: Callable[..., dict], key: dict, *args: Any) -> dict:
     result = queue.get()
     proc.join()
     return result
+
+
+# --------------------------------------------------------------------------- AFA training step
+
+# The phases of ``wsss.engine.trainer.train_step`` timed by its ``PhaseTimer``, in order.
+TRAIN_PHASES = ("forward", "multiscale_cam", "pseudo_label_par", "affinity_random_walk", "losses", "backward",
+                "optimizer")
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (Linux /proc; elsewhere the peak, ``peak_rss``)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss()
+
+
+def bench_config(config: str, backbone: str, crop: int, batch: int, precision: str, device: str,
+                 overrides: Sequence[str] = ()) -> Any:
+    """``wsss.config.load_config(config, ...)`` for a benchmark: random initialisation, one process whose
+    forward pass holds the whole batch, the given crop / precision / device, then ``overrides``."""
+    from wsss.config import load_config
+
+    return load_config(config, [
+        f"model.backbone={backbone}", "model.pretrained=none", f"data.crop_size={crop}",
+        f"data.batch_size={batch}", f"data.total_batch_size={batch}", f"train.precision={precision}",
+        f"train.device={device}", *overrides,
+    ])
+
+
+def build_training(cfg: Any, num_classes: int, device: torch.device, seed: int = 0,
+                   reference_optimizer: bool = False) -> tuple[Any, Any, Any, Any]:
+    """(network in train mode, optimizer, scheduler, GradScaler | None) as the trainer builds them, after
+    ``torch.manual_seed(seed)``. ``reference_optimizer``: the per-parameter AdamW loop (``foreach=False``)
+    instead of the trainer's fused one."""
+    from wsss.engine.runtime import compile_network
+    from wsss.engine.schedule import build_scheduler
+    from wsss.engine.trainer import build_optimizer, build_scaler
+    from wsss.models.network import build_network
+
+    torch.manual_seed(seed)
+    network = compile_network(build_network(cfg, num_classes).to(device).train(), cfg.train.compile)
+    optimizer = build_optimizer(network, cfg)
+    if reference_optimizer:
+        tc = cfg.train
+        optimizer = torch.optim.AdamW(network.param_groups(tc), lr=tc.lr, betas=tuple(tc.betas),
+                                      weight_decay=tc.weight_decay, foreach=False)
+    return network, optimizer, build_scheduler(optimizer, cfg.train), build_scaler(cfg, device)
+
+
+def synthetic_batch(batch: int, crop: int, classes: int, generator: torch.Generator | None = None,
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """The benchmarks' fixed training batch: ``label`` [B, K] with 1 + i % 2 random classes for image i,
+    ``image`` [B, 3, S, S] normalized, ``valid_box`` long [B, 4] = (0, S, 0, S - S // 8): the last S // 8
+    columns are padding, as random crops have. Random numbers from ``generator`` (default: torch's global one).
+
+    Without ``mean`` / ``std`` the images are standard normal. With them (RGB in [0, 1]) they are random 8-bit
+    pixels normalized as the data pipeline does, ``(rgb / 255 - mean) / std``, with black padding (the official
+    pad colour), so that de-normalizing gives back 8-bit images, as with real data.
+    """
+    labels = torch.zeros(batch, classes)
+    for i in range(batch):
+        labels[i, torch.randperm(classes, generator=generator)[: 1 + i % 2]] = 1
+    if mean is None or std is None:
+        images = torch.randn(batch, 3, crop, crop, generator=generator)
+    else:
+        rgb = torch.randint(0, 256, (batch, 3, crop, crop), generator=generator).float()
+        rgb[..., crop - crop // 8 :] = 0
+        images = (rgb / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return {"image": images, "label": labels, "valid_box": torch.tensor([[0, crop, 0, crop - crop // 8]] * batch)}
+
+
+def timed_step(step: Callable[[], Any], timer: Any, cuda: bool = False) -> dict[str, float]:
+    """Run ``step()`` once -> {"total": wall seconds, "cpu": CPU seconds of all threads, phase: seconds} with
+    the phases ``timer`` (reset first; ``PhaseTimer`` interface: ``reset()``, ``totals``) collected."""
+    timer.reset()
+    if cuda:
+        torch.cuda.synchronize()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"total": total, "cpu": cpu, **dict(timer.totals)}

@@ -28,9 +28,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
-PHASES = ("forward", "multiscale_cam", "pseudo_label_par", "affinity_random_walk", "losses", "backward", "optimizer")
+from _common import TRAIN_PHASES as PHASES
+
 NETWORK_PHASES = ("forward", "multiscale_cam", "backward", "optimizer")
 
 
@@ -76,61 +76,30 @@ def reference_step(network, batch, cfg, optimizer, scheduler, device, timer) -> 
 
 def run_one(args: argparse.Namespace, precision: str, reference: bool = False) -> dict:
     import torch
-    from _common import peak_rss
+    from _common import bench_config, build_training, peak_rss, synthetic_batch, timed_step
 
-    from wsss.config import load_config
-    from wsss.engine.trainer import PhaseTimer, build_optimizer, build_scaler, train_step
-    from wsss.engine.schedule import build_scheduler
-    from wsss.models.network import build_network
+    from wsss.engine.trainer import PhaseTimer, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [
-        f"model.backbone={args.backbone}", "model.pretrained=none", f"data.crop_size={args.crop}",
-        f"data.batch_size={args.batch}", f"data.total_batch_size={args.batch}", f"train.precision={precision}",
-        f"train.device={args.device}",
-        *args.overrides,
-    ])
+    cfg = bench_config(args.config, args.backbone, args.crop, args.batch, precision, args.device, args.overrides)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    num_classes = args.classes + 1
-    network = build_network(cfg, num_classes).to(device).train()
-    optimizer = build_optimizer(network, cfg)
-    if reference:
-        tc = cfg.train
-        optimizer = torch.optim.AdamW(network.param_groups(tc), lr=tc.lr, betas=tuple(tc.betas),
-                                      weight_decay=tc.weight_decay, foreach=False)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    scaler = build_scaler(cfg, device)
-
-    b, s, k = args.batch, args.crop, args.classes
-    labels = torch.zeros(b, k)
-    for i in range(b):
-        labels[i, torch.randperm(k)[: 1 + i % 2]] = 1
-    batch = {
-        "image": torch.randn(b, 3, s, s),
-        "label": labels,
-        "valid_box": torch.tensor([[0, s, 0, s - s // 8]] * b),  # some padding, as random crops have
-    }
+    network, optimizer, scheduler, scaler = build_training(cfg, args.classes + 1, device, 0, reference)
+    batch = synthetic_batch(args.batch, args.crop, args.classes)
     iteration = max(cfg.train.afa_label_iter, cfg.train.cam_iters)
     timer = PhaseTimer(device)
-    rows = []
-    for step in range(args.warmup + args.iters):
-        timer.reset()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        cpu_start = time.process_time()
+
+    def step() -> None:
         if reference:
             reference_step(network, batch, cfg, optimizer, scheduler, device, timer)
         else:
             train_step(network, batch, iteration, cfg, optimizer, scheduler, scaler, device, timer)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        total = time.perf_counter() - start
-        cpu = time.process_time() - cpu_start
-        if step >= args.warmup:
-            rows.append({"total": total, "cpu": cpu, **{p: timer.totals.get(p, 0.0) for p in PHASES}})
+
+    rows = []
+    for i in range(args.warmup + args.iters):
+        row = timed_step(step, timer, device.type == "cuda")
+        if i >= args.warmup:
+            rows.append({p: row.get(p, 0.0) for p in ("total", "cpu", *PHASES)})
     median = {key: statistics.median(r[key] for r in rows) for key in ("total", "cpu", *PHASES)}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30

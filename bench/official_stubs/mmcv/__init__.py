@@ -1,0 +1,1 @@
+"""Stub of mmcv for the official AFA code: only ``mmcv.cnn.ConvModule`` (see README.md)."""
