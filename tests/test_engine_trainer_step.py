@@ -99,6 +99,28 @@ def test_main_pass_cams_are_reused_only_without_drop_path(tiny_config):
     assert cam_path_is_deterministic(with_drop_path.eval())
 
 
+@pytest.mark.parametrize(("policy", "drop_path", "reused"), [
+    ("always", 0.1, True), ("exact", 0.1, False), ("exact", 0.0, True), ("never", 0.0, False)])
+def test_cam_reuse_train_pass_decides_whether_the_scale_1_pass_runs(tiny_config, policy, drop_path, reused):
+    cfg = tiny_config(f"model.drop_path_rate={drop_path}", f"cam.reuse_train_pass={policy}", "cam.flip=true")
+    network, _, _ = build(cfg)
+    batch = tiny_batch()
+    with torch.no_grad():
+        main = network(batch["image"])
+    full_size = []  # images per cam_forward call at the input resolution
+    cam_forward = network.cam_forward
+
+    def counting(x, with_affinity=False):
+        if x.shape[-2:] == batch["image"].shape[-2:]:
+            full_size.append(x.shape[0])
+        return cam_forward(x, with_affinity)
+
+    network.cam_forward = counting
+    make_pseudo_labels(network, batch["image"], batch["label"], batch["valid_box"], cfg, True, main_output=main)
+    b = batch["image"].shape[0]
+    assert sum(full_size) == (b if reused else 2 * b)  # reused: only the flipped images run at scale 1
+
+
 def test_reused_main_pass_gives_the_same_pseudo_labels_as_a_separate_pass(tiny_config):
     cfg = tiny_config("model.drop_path_rate=0.0")
     network, _, _ = build(cfg)

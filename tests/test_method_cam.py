@@ -64,15 +64,18 @@ def test_flip_fused_cam_of_flipped_image_is_flipped_cam():
     torch.testing.assert_close(cams_of_flipped, cams.flip(-1), atol=1e-5, rtol=0)
 
 
-def test_multiscale_cam_runs_image_and_flip_in_one_call_and_asks_affinity_only_at_its_scale():
+def test_multiscale_cam_runs_image_and_flip_in_one_call_and_asks_affinity_only_of_the_image_at_its_scale():
     cam_fn, calls = conv_cam_fn()
     img = asymmetric_image(b=2, h=16, w=20)
     cams, aff, _ = multiscale_cam(cam_fn, img, torch.ones(2, K), scales=[1.0, 0.5, 1.5], affinity_scale=1.5)
-    assert calls == [((4, 3, 16, 20), False), ((4, 3, 8, 10), False), ((4, 3, 24, 30), True)]
+    # at the affinity scale the flip runs apart, without attention logits
+    assert calls == [((4, 3, 16, 20), False), ((4, 3, 8, 10), False), ((2, 3, 24, 30), True), ((2, 3, 24, 30), False)]
     assert cams.shape == (2, K, 16, 20) and not cams.requires_grad
-    # non-flipped half of the affinity-scale pass: images 0 and 1 of the batch of 4
     assert aff.shape == (2, 24 * 30, 24 * 30)
     assert aff[0].eq(0).all() and aff[1].eq(1).all()
+    split = multiscale_cam(cam_fn, img, torch.ones(2, K), scales=[1.0, 0.5, 1.5], affinity_scale=1.5).cams
+    together = multiscale_cam(cam_fn, img, torch.ones(2, K), scales=[1.0, 0.5, 1.5], affinity_scale=None).cams
+    torch.testing.assert_close(split, together)  # the same CAMs as one call of image and flip
 
 
 def test_multiscale_cam_is_max_of_cam_and_unflipped_flip_cam_summed_over_scales():

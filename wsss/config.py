@@ -119,6 +119,11 @@ class TrainConfig:
     reg_scale: float = 0.5
     reg_radius: int = 5
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # torch.compile the backbone (nn.Module.compile: the training pass and every CAM pass, one graph per input
+    # shape and grad mode, compiled in the first iterations; same parameter names and checkpoints). Off by
+    # default: on 2 CPU cores it brought no measurable gain in bench/vs_official.py (its compile time does not
+    # pay off in short runs) and compiled drop-path draws other random numbers; bench/gpu.sh measures it on CUDA.
+    compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     log_interval: int = 50
@@ -140,6 +145,14 @@ class CamConfig:
     bg_threshold_high: float = 0.55
     bg_threshold_low: float = 0.35
     bg_threshold_eval: float = 0.45
+    # The scale-1, unflipped CAMs of the multi-scale pass during training: "always" = taken from the training
+    # pass of the same images (saves one forward of the batch per iteration); "exact" = only when that equals a
+    # separate pass (no active drop-path / dropout / batch-statistics BatchNorm on the CAM path); "never" = a
+    # separate pass, as the official code. With drop-path on (voc, coco: 0.1), "always" deviates from the
+    # official code in randomness only: its separate pass, also in train mode, draws its own drop-path mask,
+    # the training pass draws one from the same distribution; without drop-path the labels are identical
+    # (bench/vs_official.py checks them). Validation and `wsss pseudolabel` always run a separate eval pass.
+    reuse_train_pass: Literal["always", "exact", "never"] = "always"
 
 
 @dataclass

@@ -40,6 +40,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def compile_network(network: nn.Module, enabled: bool) -> nn.Module:
+    """``train.compile``: the backbone compiled in place (``nn.Module.compile``, static shapes: one graph per
+    input shape and grad mode), so parameter names and checkpoints stay those of the eager network -> network."""
+    if enabled:
+        unwrap(network).backbone.compile(dynamic=False)
+    return network
+
+
 def fork_rng(device: torch.device | str) -> contextlib.AbstractContextManager:
     """Leave the CPU (and this CUDA device's) random state as it was after the block."""
     device = torch.device(device)

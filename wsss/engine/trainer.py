@@ -56,7 +56,7 @@ from wsss.engine.loader import build_train_loader, iterate_batches
 from wsss.engine.run_files import (
     RunLogger, check_work_dir, config_differences, keep_interval_checkpoint, resolve_resume, write_run_files,
 )
-from wsss.engine.runtime import autocast, autocast_dtype, fork_rng, pseudo_label_params, unwrap
+from wsss.engine.runtime import autocast, autocast_dtype, compile_network, fork_rng, pseudo_label_params, unwrap
 from wsss.engine.schedule import build_scheduler
 from wsss.errors import ConfigError, DatasetError, WsssError
 from wsss.logs import configure_logging
@@ -134,25 +134,30 @@ def cam_path_is_deterministic(network: nn.Module) -> bool:
     return True
 
 
+def reuses_train_pass(network: nn.Module, policy: str) -> bool:
+    """Whether the training pass's CAMs stand in for the scale-1 CAM pass now (``cam.reuse_train_pass``)."""
+    return policy == "always" or (policy == "exact" and cam_path_is_deterministic(network))
+
+
 def _cam_fn(network: nn.Module, images: Tensor, precision: str, main_output: Any) -> CamFn:
-    """The network's CAM path under autocast for ``multiscale_cam``; the unflipped scale-1 images (passed
-    first) take the CAMs / affinity of ``main_output`` (the training pass of ``images``) when given."""
+    """The network's CAM path under autocast for ``multiscale_cam``; the unflipped scale-1 images (``images``
+    itself, or the first half of the flip batch) take the CAMs / affinity of ``main_output`` (the training
+    pass of ``images``) when given."""
     batch = images.shape[0]
 
     def cam_fn(x: Tensor, with_affinity: bool) -> tuple[Tensor, Tensor | None]:
-        same = main_output is not None and x.shape[-2:] == images.shape[-2:] and x.shape[0] in (batch, 2 * batch)
-        if same and with_affinity and main_output.affinity is None:
+        # multiscale_cam asks for an affinity only of unflipped images: a flip batch comes without
+        flip_batch = not with_affinity and x.shape[0] == 2 * batch and x.shape[-2:] == images.shape[-2:]
+        same = main_output is not None and (x is images or flip_batch)
+        if with_affinity and (main_output is None or main_output.affinity is None):
             same = False
         with autocast(images.device, precision):
             if not same:
                 return network.cam_forward(x, with_affinity)
             cams = main_output.cams.detach()
-            aff = main_output.affinity.detach() if with_affinity and main_output.affinity is not None else None
-            if x.shape[0] == 2 * batch:
-                flip_cams, flip_aff = network.cam_forward(x[batch:], with_affinity)
-                cams = torch.cat([cams, flip_cams.to(cams.dtype)])
-                aff = torch.cat([aff, flip_aff.to(aff.dtype)]) if aff is not None else None
-        return cams, aff
+            if flip_batch:
+                cams = torch.cat([cams, network.cam_forward(x[batch:], False)[0].to(cams.dtype)])
+        return cams, main_output.affinity.detach() if with_affinity else None
 
     return cam_fn
 
@@ -181,14 +186,14 @@ def make_pseudo_labels(
     ``network`` is the bare AFANetwork (not DDP). ``class_index`` (:func:`present_classes`,
     default: computed from ``labels``) restricts CAMs, PAR and random walk to the present
     classes; the returned labels use the full class ids 0..K. ``main_output`` (the training pass's
-    NetworkOutput of the same images) replaces the scale-1, non-flipped CAM pass when that is
-    exact (:func:`cam_path_is_deterministic`); with drop-path active it would be a different
-    random sample than a separate pass, so it is not reused.
+    NetworkOutput of the same images) replaces the scale-1, non-flipped CAM pass as ``cam.reuse_train_pass``
+    says: "always", "exact" (only when :func:`cam_path_is_deterministic`: with drop-path active the training
+    pass is another random sample than a separate pass would draw) or "never".
     """
     params = pseudo_label_params(cfg)
     if class_index is None:
         class_index = present_classes(labels.cpu())
-    reuse = main_output if main_output is not None and cam_path_is_deterministic(network) else None
+    reuse = main_output if main_output is not None and reuses_train_pass(network, cfg.cam.reuse_train_pass) else None
     cam_fn = _cam_fn(network, images, cfg.train.precision, reuse)
     with torch.no_grad():
         with timer.phase("multiscale_cam"):
@@ -585,7 +590,7 @@ class _Run:
         network.to(ctx.device)
         use_sync_batchnorm(network, ctx, tc.sync_bn)
         network.train()
-        self.network = network
+        self.network = compile_network(network, tc.compile)
         self.optimizer = build_optimizer(network, cfg)
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = build_scaler(cfg, ctx.device)

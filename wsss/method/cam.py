@@ -51,7 +51,9 @@ def multiscale_cam(
     images [B, 3, H, W] (network-normalized), labels [B, K] multi-hot.
 
     Per scale s: the image resized to (int(s*H), int(s*W)) and its flip go through ONE
-    cam_fn call (batch 2B); CAMs are resized to H x W, the flipped half is un-flipped and
+    cam_fn call (batch 2B), except at ``affinity_scale``: there the image (with affinity) and its
+    flip (without: explicit attention logits cost time and memory) are two calls (the image at
+    scale 1 is ``images`` itself); CAMs are resized to H x W, the flipped half is un-flipped and
     the elementwise max taken, then ReLU. The scales are summed, each channel is min-max
     normalized ((cam - min) / (max + 1e-5)) and absent classes are zeroed.
     -> MultiScaleCams: cams [B, K, H, W] float32 in [0, 1]; affinity [B, N, N] of the
@@ -69,10 +71,12 @@ def multiscale_cam(
     with torch.no_grad():
         for scale in scales:
             x = images if scale == 1.0 else resize(images, scaled_size(size, scale))
-            if flip:
-                x = torch.cat([x, x.flip(-1)], dim=0)
             with_affinity = affinity_scale is not None and scale == affinity_scale
-            cams, aff = cam_fn(x, with_affinity)
+            if flip and with_affinity:  # the flipped half's affinity is never used: no attention logits for it
+                cams, aff = cam_fn(x, True)
+                cams = torch.cat([cams, cam_fn(x.flip(-1), False)[0].to(cams.dtype)])
+            else:
+                cams, aff = cam_fn(torch.cat([x, x.flip(-1)], dim=0) if flip else x, with_affinity)
             if with_affinity and aff is not None:
                 affinity, grid = aff[:b], (int(cams.shape[-2]), int(cams.shape[-1]))
             cams = resize(cams.float(), size)

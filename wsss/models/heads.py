@@ -134,5 +134,7 @@ class AffinityHead(nn.Module):
     def forward(self, attn_logits: Tensor) -> Tensor:
         if self.attn_norm == "standardize":
             attn_logits = standardize_attn_logits(attn_logits)
-        combined = torch.einsum("bmij,m->bij", attn_logits, self.proj.weight.flatten().to(attn_logits.dtype))
+        b, _, n, _ = attn_logits.shape
+        # sum_m w_m S_m as one [M] x [M, N*N] product per image (no permuted copy of the logits, as einsum makes)
+        combined = torch.matmul(self.proj.weight.flatten().to(attn_logits.dtype), attn_logits.flatten(2)).view(b, n, n)
         return torch.sigmoid(combined + combined.transpose(1, 2) + self.proj.bias.to(combined.dtype))
