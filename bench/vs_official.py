@@ -25,7 +25,9 @@ Both sides run in their own child process (``--child``), set up once and driven 
 - Equivalence: one iteration each on those inputs with drop-path and the seg head's dropout set to 0 on both
   sides (the official multi-scale CAM runs in train mode; ours then reuses the training pass's scale-1 CAMs,
   exact without drop-path): CAMs, seg logits, losses within float tolerance; the PAR-refined CAM label, the
-  AFA (random walk + PAR) label and the affinity label compared pixel by pixel.
+  AFA (random walk + PAR) label and the affinity label compared pixel by pixel. Twice: with the recipe's
+  background scores, and with ``LOW_THRESHOLDS`` on both sides, whose labels have plenty of foreground where
+  the recipe's leave almost none on a random-init network.
 - Timing: ``--warmup`` + ``--iters`` iterations per side, interleaved (official, ours, ours, official, ...),
   medians. Official: the body of the script's training loop, phase by phase, calling its functions
   (``multi_scale_cam_with_aff_mat``, ``cam_to_label``, ``propagte_aff_cam_with_bkg``,
@@ -75,6 +77,10 @@ OFFICIAL_FILES = ("wetr/model_attn_aff.py", "wetr/mix_transformer.py", "wetr/seg
 SCRIPT = "scripts/dist_train_voc.py"
 CONFIG = "configs/voc_attn_reg.yaml"
 # Literals of the official script's training loop (checked against the script's text at set-up).
+# The second equivalence check's background scores (both sides): on a random-init network the recipe's
+# (0.55 / 0.35) leave almost no foreground in the labels (PAR label 0.4 %, AFA label 0 %); these leave mostly
+# foreground (PAR label 68.6 % foreground, 0.7 % background; AFA label 82.2 % foreground).
+LOW_THRESHOLDS = (0.3, 0.2)
 AFA_LABEL_AFTER = 6000  # `if n_iter <= 6000: refined_aff_label = refined_pseudo_label`
 LOSS_WEIGHTS = (1.0, 0.1, 0.1)  # `loss = 1.0 * cls_loss + 0.1 * seg_loss + 0.1 * aff_loss` after cam_iters
 EMBEDDING_DIM = 256  # `WeTr(..., embedding_dim=256, ...)`
@@ -351,6 +357,10 @@ class OfficialSide:
             images = torch.where(bad, torch.nextafter(images, torch.tensor(float("inf"))), images)
         raise RuntimeError("could not make the synthetic images survive the official uint8 round trip")
 
+    def set_thresholds(self, high: float, low: float) -> None:
+        """The two background scores (the script's --high_thre / --low_thre) of the next iterations."""
+        self.cfg.cam.high_thre, self.cfg.cam.low_thre = high, low
+
     def step(self, timer: CpuPhaseTimer, capture: bool = False) -> dict[str, Any]:
         """The body of the official training loop (``for n_iter in range(cfg.train.max_iters)``), by phase."""
         torch, cu, cfg = self.torch, self.camutils, self.cfg
@@ -486,6 +496,10 @@ class OursSide:
             "weights": f"{self.mapped} official tensors mapped ({self.reshaped} Linear -> 1x1 conv)",
         }
 
+    def set_thresholds(self, high: float, low: float) -> None:
+        """cam.bg_threshold_high / low of the next iterations."""
+        self.cfg.cam.bg_threshold_high, self.cfg.cam.bg_threshold_low = high, low
+
     def restore(self) -> tuple[int, int]:
         """The official initial weights, mapped -> (tensors mapped, of them reshaped)."""
         official = self.torch.load(self.init_path, mmap=True)
@@ -558,14 +572,19 @@ def child_main(args: argparse.Namespace) -> None:
     except Exception as exc:  # noqa: BLE001  (reported to the parent, which prints the log)
         reply({"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
         return
+    recipe_thresholds = tuple(side.info["bg threshold high / low"])
     reply({"ready": True, "setup_rss": current_rss(), "info": side.info, "threads": torch.get_num_threads()})
 
-    def check() -> dict[str, Any]:
+    def check(high: float, low: float) -> dict[str, Any]:
+        side.restore()
         side.depth.set(deterministic=True)
+        side.set_thresholds(high, low)
         out = side.step(timer, capture=True)
+        side.set_thresholds(*recipe_thresholds)
         side.depth.set(deterministic=False)
-        torch.save(out, workdir / f"check_{args.child}.pt")
-        return {"file": str(workdir / f"check_{args.child}.pt")}
+        path = workdir / f"check_{args.child}_{high}_{low}.pt"
+        torch.save(out, path)
+        return {"file": str(path)}
 
     def step() -> dict[str, Any]:
         side.restore()  # every timed iteration is the same one: same weights, same batch
@@ -579,16 +598,16 @@ def child_main(args: argparse.Namespace) -> None:
         torch.save(out, workdir / f"par_{args.child}.pt")
         return {"seconds": seconds}
 
-    commands: dict[str, Callable[[], dict[str, Any]]] = {
+    commands: dict[str, Callable[..., dict[str, Any]]] = {
         "check": check,
         "step": step,
         "par": par_once,
         "finish": lambda: {"peak_rss": peak_rss()},
     }
     for line in sys.stdin:
-        command = line.strip()
+        command, *numbers = line.split()
         try:
-            reply(commands[command]())
+            reply(commands[command](*map(float, numbers)))
         except Exception as exc:  # noqa: BLE001
             reply({"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
             return
@@ -654,8 +673,9 @@ def _label_row(name: str, a: Any, b: Any, kinds: tuple[str, str] = ("background"
             f"official: {mix})")
 
 
-def equivalence_report(official: dict[str, Any], ours: dict[str, Any]) -> list[str]:
-    lines = ["equivalence: one iteration per side, same weights and batch, drop-path 0 and seg dropout 0 on both"]
+def equivalence_report(official: dict[str, Any], ours: dict[str, Any], thresholds: tuple[float, float]) -> list[str]:
+    lines = [("equivalence: one iteration per side, same weights and batch, drop-path 0 and seg dropout 0 on both, "
+              f"background scores high / low {thresholds[0]} / {thresholds[1]}")]
     for key, name, atol in (("cams", "CAMs (label-masked, 20 classes)", CAM_ATOL),
                             ("seg_logits", "seg logits", LOGIT_ATOL)):
         a, b = official[key].float(), ours[key].float()
@@ -722,7 +742,8 @@ def main() -> None:
             official.close()
             raise
         sides = (official, ours)
-        checks = [torch.load(child.ask("check")["file"]) for child in sides]
+        thresholds = [tuple(official.ready["info"]["bg threshold high / low"]), LOW_THRESHOLDS]
+        checks = [[torch.load(child.ask(f"check {high} {low}")["file"]) for child in sides] for high, low in thresholds]
         rows: dict[str, list[dict[str, float]]] = {"official": [], "ours": []}
         for i in range(args.warmup + args.iters if args.iters > 0 else 0):
             for child in sides if i % 2 == 0 else sides[::-1]:  # who goes first alternates
@@ -747,7 +768,8 @@ def main() -> None:
     print(f"AFA, official code ({args.official_dir}) vs ours (wsss): MiT-B1, batch {args.batch}, crop {info['crop']}, "
           f"CPU, fp32, {official.ready['threads']} threads per side, torch {torch.__version__}")
     print(f"load average at start: {load_start}")
-    sections = [config_report(info, ours.ready["info"]), equivalence_report(*checks)]
+    sections = [config_report(info, ours.ready["info"]),
+                *(equivalence_report(*pair, bg) for pair, bg in zip(checks, thresholds))]
     if rows["official"]:
         sections.append(timing_report(rows, args))
     setup = {child.side: child.ready["setup_rss"] for child in sides}
