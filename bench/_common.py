@@ -9,6 +9,7 @@ The scripts run as ``python3 bench/NAME.py``, so this folder is on ``sys.path`` 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
@@ -16,6 +17,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+
+def load_average(minutes: int = 1) -> str:
+    """The 1-minute load average (``minutes=3``: the 1, 5 and 15-minute ones), "n/a" where the OS has none."""
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    return " ".join(f"{v:.2f}" for v in os.getloadavg()[: 1 if minutes == 1 else 3])
 
 
 def peak_rss() -> int:

@@ -15,12 +15,12 @@ the two implementations timed alternately.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from _common import load_average
 
 from wsss.config import ParConfig
 from wsss.method.par import STD_EPS, apply_par_kernel, neighbour_distances, neighbour_offsets, par_kernel
@@ -80,10 +80,6 @@ def _time_pair(fn_a, fn_b, device: torch.device, repeats: int):
     return statistics.median(times_a), statistics.median(times_b), out_a, out_b
 
 
-def _load() -> str:
-    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
@@ -100,7 +96,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"dilations {cfg.dilations}, iterations {cfg.iterations}, median of {args.repeats}, "
-          f"load average {_load()}")
+          f"load average {load_average()}")
     print(f"{'masks B x M x H x W':>20} {'ours ms':>10} {'straightforward ms':>19} {'ratio':>7} {'max |diff|':>11}")
     with torch.no_grad():
         for case in args.cases:
@@ -112,7 +108,7 @@ def main() -> None:
             )
             diff = (out_ours - out_ref).abs().max().item()
             print(f"{case:>20} {t_ours * 1e3:10.1f} {t_ref * 1e3:19.1f} {t_ref / t_ours:6.1f}x {diff:11.2e}")
-    print(f"load average after: {_load()} (other processes on the machine slow both columns)")
+    print(f"load average after: {load_average()} (other processes on the machine slow both columns)")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[\w.]+=")  # section.key=value, as the wsss CLI tells them
-LOAD_SAMPLE_S = 5.0
+LOAD_SAMPLE_S = 5.0  # seconds between load-average samples while a variant trains
 TARGET_F1 = 0.9  # issue 13: classifier macro F1 on val of every variant
-TARGET_ABOVE_BG = 15.0  # issue 13: PAR and seg mIoU points above "all background"  # seconds between load-average samples while a variant trains
+TARGET_ABOVE_BG = 15.0  # issue 13: PAR and seg mIoU points above "all background"
 
 # The child: run_demo on one variant, its result dict to a JSON file (NaN kept: Python's json reads it back).
 CHILD = """
@@ -259,8 +259,8 @@ def format_table(report: dict[str, Any]) -> str:
         (f"load: the 1-minute load average while the variant ran (mean/max of samples every {LOAD_SAMPLE_S:.0f} s); "
          "wall s: build excluded, child start-up included."),
         "",
-        f"{'on images with 2+ classes':<26}{'PAR':>7}{'fg+rnd':>8}{'n':>5}{'seg':>7}{'fg+rnd':>8}{'n':>5}"
-        f"   targets (issue 13)",
+        (f"{'on images with 2+ classes':<26}{'PAR':>7}{'fg+rnd':>8}{'n':>5}{'seg':>7}{'fg+rnd':>8}{'n':>5}"
+         f"   targets (issue 13)"),
     ]
     for name, v in report["variants"].items():
         if "multi_object" not in v:
@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for i, name in enumerate(args.variants, 1):
         print(f"[{i}/{len(args.variants)}] {name}: training (log: {out / 'logs' / name}.log) ...", flush=True)
         entry = run_variant(name, data_dirs[name], out, args.overrides)
-        report["variants"][name].update(entry)
         if "result" in entry:
-            entry["multi_object"] = report["variants"][name]["multi_object"] = multi_object_mious(entry, data_dirs[name])
+            entry["multi_object"] = multi_object_mious(entry, data_dirs[name])
+        report["variants"][name].update(entry)
         if "error" in entry:
             done = "failed: " + entry["error"]
         else:

@@ -19,21 +19,16 @@ map times 1 - <S_i, S_j>; the graph keeps every offset), for comparison with the
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import torch
-from _common import peak_memory, run_in_child, time_runs
+from _common import load_average, peak_memory, run_in_child, time_runs
 
 # Trainer defaults of the loss.
 SIGMA_RGB = 15.0
 SIGMA_XY = 100.0
 SCALE = 0.5
 RADIUS = 5
-
-
-def _load() -> str:
-    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
 def energy_autograd(images, seg_logits, valid_mask, sigma_rgb, sigma_xy, scale, radius):
@@ -84,7 +79,7 @@ def _case(crop: int, impl: str, args) -> dict:
     times = time_runs(step, args.warmup, args.repeats, cuda)
     peak = peak_memory(cuda) - base
     return {"crop": crop, "impl": impl, "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-            "peak_mib": peak / 2**20, "load": _load()}
+            "peak_mib": peak / 2**20, "load": load_average()}
 
 
 def main() -> None:
@@ -107,7 +102,7 @@ def main() -> None:
     print(f"# dense_energy_loss forward + backward; device {args.device}, threads {threads}, "
           f"torch {torch.__version__}; batch {args.batch}, {args.num_classes} classes, "
           f"logits at 1/{args.logit_stride}, scale {args.scale}, radius {args.radius}; "
-          f"median of {args.repeats} after {args.warmup} warm-up; load average {_load()}")
+          f"median of {args.repeats} after {args.warmup} warm-up; load average {load_average()}")
     print(f"{'crop':>5} {'energy at':>10} {'impl':>9} {'median ms':>10} {'min ms':>9} {'peak MiB':>9} {'load':>6}")
     impls = ["ours", "autograd"] if args.autograd else ["ours"]
     for crop in args.crops:
@@ -119,7 +114,7 @@ def main() -> None:
             else:
                 print(f"{crop:>5} {at:>10} {impl:>9} {result['median_ms']:>10.1f} {result['min_ms']:>9.1f} "
                       f"{result['peak_mib']:>9.1f} {result['load']:>6}")
-    print(f"load average after: {_load()} (other processes on the machine slow the CPU figures)")
+    print(f"load average after: {load_average()} (other processes on the machine slow the CPU figures)")
 
 
 if __name__ == "__main__":

@@ -62,8 +62,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import IO, Any
@@ -228,24 +227,6 @@ def _namespace(value: Any) -> Any:
 # --------------------------------------------------------------------------- the two sides (child processes)
 
 
-class CpuPhaseTimer:
-    """``wsss.engine.trainer.PhaseTimer``'s interface for the official side (CPU: no synchronisation)."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-    def reset(self) -> None:
-        self.totals.clear()
-
-
 class StochasticDepth:
     """The drop-path probabilities (timm ``DropPath``) and dropout rates (``Dropout2d``) of a network: recorded
     at set-up (the recipe's), set to 0 for the equivalence check, then restored."""
@@ -361,7 +342,7 @@ class OfficialSide:
         """The two background scores (the script's --high_thre / --low_thre) of the next iterations."""
         self.cfg.cam.high_thre, self.cfg.cam.low_thre = high, low
 
-    def step(self, timer: CpuPhaseTimer, capture: bool = False) -> dict[str, Any]:
+    def step(self, timer: Any, capture: bool = False) -> dict[str, Any]:
         """The body of the official training loop (``for n_iter in range(cfg.train.max_iters)``), by phase."""
         torch, cu, cfg = self.torch, self.camutils, self.cfg
         f = torch.nn.functional
@@ -565,9 +546,11 @@ def child_main(args: argparse.Namespace) -> None:
         import torch
         from _common import current_rss, peak_rss, timed_step
 
+        from wsss.engine.trainer import PhaseTimer
+
         torch.set_num_threads(args.threads)
         side = OfficialSide(args, workdir) if args.child == "official" else OursSide(args, workdir)
-        timer = side.timer if isinstance(side, OursSide) else CpuPhaseTimer()
+        timer = side.timer if isinstance(side, OursSide) else PhaseTimer("cpu")
         par_images, par_masks = side.par_inputs(args.seed)
     except Exception as exc:  # noqa: BLE001  (reported to the parent, which prints the log)
         reply({"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
@@ -656,10 +639,6 @@ class Child:
         self.log.close()
 
 
-def _load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-
-
 def _label_row(name: str, a: Any, b: Any, kinds: tuple[str, str] = ("background", "foreground")) -> str:
     if a.shape != b.shape:
         return f"  {name:<34} shapes differ: official {tuple(a.shape)}, ours {tuple(b.shape)}"
@@ -731,8 +710,9 @@ def main() -> None:
         sys.exit(f"error: {exc}")
 
     import torch  # the parent compares the children's outputs
+    from _common import load_average
 
-    load_start = _load()
+    load_start = load_average(minutes=3)
     workdir = Path(tempfile.mkdtemp(prefix="vs_official_"))
     try:
         official = Child("official", args, workdir)  # first: it writes the weights and the batch
@@ -762,7 +742,7 @@ def main() -> None:
             child.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    load_end = _load()
+    load_end = load_average(minutes=3)
 
     info = official.ready["info"]
     print(f"AFA, official code ({args.official_dir}) vs ours (wsss): MiT-B1, batch {args.batch}, crop {info['crop']}, "

@@ -90,10 +90,10 @@ class DemoOptions:
     grayscale: the whole image (photo and digits) in BT.601 grey levels, written as RGB with R == G == B;
         the same layout, digits and masks as the colour dataset of the same options.
     gray_contrast: with grayscale, a digit whose mean grey level is closer than this (0..255 levels) to the
-        mean of the photo inside its box is lightened or darkened to this distance. In grey levels several
-        class colours have about the photos' luma (red 86, blue 77): without it (0) a quarter of the digits
-        differ from their surroundings by less than 15 levels, invisible to any model, where every colour
-        digit differs by more than 80 (``bench/quality.py``'s gray row measures the recipe on shapes, not on
+        mean of the image around it in its box is lightened or darkened to this distance. In grey levels
+        several class colours have about the photos' luma (red 86, blue 77): without it (0) a quarter of the
+        digits differ from their surroundings by less than 15 levels, invisible to any model, where no colour
+        digit does (10th percentile 89; ``bench/quality.py``'s gray row measures the recipe on shapes, not on
         invisible objects). Recorded in meta.json only with grayscale.
 
     Checked on creation: a bad value raises WsssError naming it. Sequences are stored as tuples.
