@@ -7,6 +7,7 @@ import torch
 
 from wsss.config import ModelConfig
 from wsss.errors import ConfigError, WsssError
+from wsss.models.attn_factors import AttnFactors
 from wsss.models.backbones import create_backbone
 from wsss.models.mit import MixVisionTransformer, create_mit
 
@@ -76,6 +77,20 @@ def test_with_attn_gives_the_same_features_as_fused_attention(name):
         explicit, logits = net(x, with_attn=True)
     assert none is None and logits is not None
     for a, b in zip(fused, explicit):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mit_tiny", VIT, PVT])
+def test_factored_attention_multiplies_out_to_the_logits_with_the_same_features(name):
+    net = _backbone(name)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        features, logits = net(x, with_attn=True)
+        factored_features, factors = net(x, with_attn=True, factored=True)
+    assert isinstance(factors, AttnFactors)
+    assert factors.q.shape == factors.k.shape and factors.q.shape[:3] == logits.shape[:3]
+    torch.testing.assert_close(factors.logits(), logits, atol=1e-5, rtol=1e-4)
+    for a, b in zip(features, factored_features):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from wsss.errors import ConfigError
 from wsss.method.affinity import affinity_labels
+from wsss.models.attn_factors import AttnFactors
 from wsss.method.losses import affinity_loss
 from wsss.models.heads import AffinityHead, CamClassifier, SegFormerHead, standardize_attn_logits
 
@@ -103,6 +104,19 @@ def test_affinity_head_none_is_bit_identical_to_the_raw_logit_formula_and_the_de
     combined = torch.einsum("bmij,m->bij", logits, head.proj.weight.flatten())
     by_hand = torch.sigmoid(combined + combined.transpose(1, 2) + head.proj.bias)
     assert torch.equal(head(logits), by_hand)
+
+
+@pytest.mark.parametrize("attn_norm", ["none", "standardize"])
+def test_affinity_head_on_query_key_factors_equals_the_head_on_their_logits(attn_norm):
+    torch.manual_seed(0)
+    head = AffinityHead(attn_maps=6, attn_norm=attn_norm)
+    q = (torch.randn(2, 6, 20, 8) * 3).requires_grad_()
+    k = (torch.randn(2, 6, 20, 8) * 3).requires_grad_()
+    factored = head(AttnFactors(q, k))
+    torch.testing.assert_close(factored, head(q @ k.transpose(-2, -1)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(factored, factored.transpose(1, 2))
+    F.binary_cross_entropy(factored, torch.ones(2, 20, 20)).backward()
+    assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0 and head.proj.weight.grad.abs().sum() > 0
 
 
 def test_affinity_head_rejects_an_unresolved_or_unknown_attn_norm():

@@ -45,9 +45,9 @@ def test_cam_forward_runs_backbone_and_classifier_only_with_attention_only_when_
     asked = []
     backbone_forward = net.backbone.forward
 
-    def spy(x, with_attn=False):
-        asked.append(with_attn)
-        return backbone_forward(x, with_attn)
+    def spy(x, with_attn=False, factored=False):
+        asked.append((with_attn, factored))
+        return backbone_forward(x, with_attn, factored)
 
     net.backbone.forward = spy
     images = torch.randn(2, 3, 64, 64)
@@ -55,7 +55,8 @@ def test_cam_forward_runs_backbone_and_classifier_only_with_attention_only_when_
         cams, affinity = net.cam_forward(images, with_affinity=False)
         cams_aff, affinity_aff = net.cam_forward(images, with_affinity=True)
         reference = net(images, with_seg=False, with_affinity=True)
-    assert asked == [False, True, True]
+    # the CAM passes ask for the attention as q / k factors; the training pass for the logits
+    assert asked == [(False, True), (True, True), (True, False)]
     assert affinity is None and affinity_aff.shape == (2, 16, 16)
     torch.testing.assert_close(cams, reference.cams)
     torch.testing.assert_close(cams_aff, reference.cams, atol=1e-5, rtol=1e-4)

@@ -4,12 +4,15 @@ Every backbone has the same small interface (:class:`Backbone`):
 
     features, attn_logits = backbone(images, with_attn=True)
     # features: 4 maps [B, C_i, H_i, W_i]; attn_logits: [B, attn_blocks * heads, N, N]
+    features, factors = backbone(images, with_attn=True, factored=True)
+    # factors: AttnFactors(q, k), each [B, attn_blocks * heads, N, d], with q @ k^T = attn_logits
 
 ``attn_logits`` are the RAW q.k^T (before scaling and softmax) of the last
 ``attn_blocks`` transformer blocks, over patch tokens only (no class, register
 or distillation tokens), N = tokens of the last stage. Only those blocks compute
 q.k^T explicitly, and only when ``with_attn`` is True; all other attention is
-fused ``F.scaled_dot_product_attention``.
+fused ``F.scaled_dot_product_attention``. With ``factored`` the logits are not multiplied
+out at all (:mod:`wsss.models.attn_factors`) and every attention is fused.
 
 Names (``model.backbone``): ``mit_b0`` .. ``mit_b5``, ``mit_tiny``, or
 ``timm:<name>`` for a timm VisionTransformer (``vit_*``, ``deit_*``, optionally with
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 
 from wsss.config import ModelConfig
 from wsss.errors import ConfigError, WsssError
+from wsss.models.attn_factors import AttnFactors, concat_attn
 from wsss.models.mit import MIT_SPECS, create_mit
 from wsss.models.weights import RANDOM_INIT, load_state_dict_checked, read_state_dict
 
@@ -59,7 +63,9 @@ class Backbone(Protocol):
     feature_strides: list[int]  # input pixels per feature cell, per map
     attn_maps: int  # attn_blocks * heads: channels of the attention logits
 
-    def __call__(self, x: Tensor, with_attn: bool = False) -> tuple[list[Tensor], Tensor | None]: ...
+    def __call__(
+        self, x: Tensor, with_attn: bool = False, factored: bool = False
+    ) -> tuple[list[Tensor], Tensor | AttnFactors | None]: ...
 
 
 def create_backbone(model_cfg: ModelConfig, attn_blocks: int) -> nn.Module:
@@ -86,8 +92,9 @@ class _AttentionWithLogits(nn.Module):
 
     A wrapper adopts the wrapped module's own submodules (qkv / q / kv / proj, ...), so it
     reuses the same weights under the same state-dict names, and replaces only the
-    attention product: fused SDPA normally; when ``record`` is set, explicit softmax of
-    the scaled q.k^T, keeping the raw q.k^T over patch tokens in ``logits``.
+    attention product: fused SDPA normally; when ``record`` is "logits", explicit softmax of
+    the scaled q.k^T, keeping the raw q.k^T over patch tokens in ``logits``; when it is
+    "factors", fused SDPA, keeping the patch tokens' q and k as :class:`AttnFactors`.
     """
 
     def __init__(self, attn: nn.Module, num_prefix_tokens: int) -> None:
@@ -99,20 +106,22 @@ class _AttentionWithLogits(nn.Module):
         self.proj = attn.proj
         self.proj_drop = attn.proj_drop
         self.num_prefix_tokens = num_prefix_tokens
-        self.record = False
-        self.logits: Tensor | None = None
+        self.record: str | None = None
+        self.logits: Tensor | AttnFactors | None = None
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """q [B, h, N, d], k / v [B, h, M, d] -> [B, h, N, d]."""
-        if not self.record:
-            p = self.attn_drop.p if self.training else 0.0
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        if attn_mask is not None:
+        if self.record is not None and attn_mask is not None:
             raise WsssError("attention logits cannot be recorded for a masked attention call")
-        logits = q @ k.transpose(-2, -1)
         prefix = self.num_prefix_tokens
-        self.logits = logits[:, :, prefix:, prefix:]
-        return self.attn_drop((logits * self.scale).softmax(dim=-1)) @ v
+        if self.record == "logits":
+            logits = q @ k.transpose(-2, -1)
+            self.logits = logits[:, :, prefix:, prefix:]
+            return self.attn_drop((logits * self.scale).softmax(dim=-1)) @ v
+        if self.record == "factors":
+            self.logits = AttnFactors(q[:, :, prefix:], k[:, :, prefix:])
+        p = self.attn_drop.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
 
 
 class ViTAttentionWithLogits(_AttentionWithLogits):
@@ -199,9 +208,11 @@ class TimmBackbone(nn.Module):
         for embed, stride in zip(embeds, strides):
             embed.proj.stride = (int(stride), int(stride))
 
-    def forward(self, x: Tensor, with_attn: bool = False) -> tuple[list[Tensor], Tensor | None]:
+    def forward(
+        self, x: Tensor, with_attn: bool = False, factored: bool = False
+    ) -> tuple[list[Tensor], Tensor | AttnFactors | None]:
         for recorder in self.recorders:
-            recorder.record = with_attn
+            recorder.record = ("factors" if factored else "logits") if with_attn else None
         try:
             if self.family == "vit":
                 features = self.model.forward_intermediates(
@@ -209,10 +220,10 @@ class TimmBackbone(nn.Module):
                 )
             else:
                 features = self.model.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
-            logits = torch.cat([r.logits for r in self.recorders], dim=1) if with_attn else None
+            logits = concat_attn([r.logits for r in self.recorders]) if with_attn else None
         finally:
             for recorder in self.recorders:
-                recorder.record, recorder.logits = False, None
+                recorder.record, recorder.logits = None, None
         return list(features), logits
 
 

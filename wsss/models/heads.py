@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss.errors import ConfigError
+from wsss.models.attn_factors import AttnFactors
 
 
 class CamClassifier(nn.Module):
@@ -117,6 +118,10 @@ class AffinityHead(nn.Module):
     large-scale logits (a pretrained ViT-S/14: mean |S| ~ 47, max ~ 300, sigmoid > 0.99 on every
     pair, no gradient). Standardizing each map before the conv keeps the conv-then-symmetrize
     shortcut exact: the stats of S_m and S_m^T are the same, so it equals standardizing after.
+
+    ``attn_logits`` may also come as :class:`AttnFactors` (q, k), as the CAM passes give them:
+    with "none" the sum over maps is then one product of the weighted queries and the keys, and
+    the [B, M, N, N] logits are never formed.
     """
 
     def __init__(self, attn_maps: int, attn_norm: str = "none") -> None:
@@ -131,10 +136,20 @@ class AffinityHead(nn.Module):
     def extra_repr(self) -> str:
         return f"attn_norm={self.attn_norm!r}"
 
-    def forward(self, attn_logits: Tensor) -> Tensor:
-        if self.attn_norm == "standardize":
-            attn_logits = standardize_attn_logits(attn_logits)
-        b, _, n, _ = attn_logits.shape
-        # sum_m w_m S_m as one [M] x [M, N*N] product per image (no permuted copy of the logits, as einsum makes)
-        combined = torch.matmul(self.proj.weight.flatten().to(attn_logits.dtype), attn_logits.flatten(2)).view(b, n, n)
+    def forward(self, attn_logits: Tensor | AttnFactors) -> Tensor:
+        weight = self.proj.weight.flatten()
+        if isinstance(attn_logits, AttnFactors) and self.attn_norm == "none":
+            # sum_m w_m q_m k_m^T = [w_1 q_1, ..., w_M q_M] @ [k_1, ..., k_M]^T: one [N, M*d] x [M*d, N] product
+            q, k = attn_logits
+            b, m, n, d = q.shape
+            weighted = (q * weight.to(q.dtype).view(1, m, 1, 1)).transpose(1, 2).reshape(b, n, m * d)
+            combined = weighted @ k.transpose(1, 2).reshape(b, n, m * d).transpose(1, 2)
+        else:
+            if isinstance(attn_logits, AttnFactors):  # standardizing needs the maps themselves
+                attn_logits = attn_logits.logits()
+            if self.attn_norm == "standardize":
+                attn_logits = standardize_attn_logits(attn_logits)
+            b, _, n, _ = attn_logits.shape
+            # sum_m w_m S_m as one [M] x [M, N*N] product per image (no permuted copy of the logits, as einsum makes)
+            combined = torch.matmul(weight.to(attn_logits.dtype), attn_logits.flatten(2)).view(b, n, n)
         return torch.sigmoid(combined + combined.transpose(1, 2) + self.proj.bias.to(combined.dtype))

@@ -10,7 +10,8 @@ Hugging Face ``nvidia/mit-b*`` checkpoints (both the transformers 4 naming
 
 AFA (Ru et al., CVPR 2022) changes two things: stage strides are configurable
 (``[4, 2, 2, 1]`` puts stage 4 at 1/16), and the last ``attn_blocks`` blocks of
-stage 4 return their raw attention logits q.k^T.
+stage 4 return their raw attention logits q.k^T (or, for the CAM passes, the q and k
+they are the product of: :mod:`wsss.models.attn_factors`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from wsss.errors import ConfigError, WsssError
+from wsss.models.attn_factors import AttnFactors, AttnRecord, concat_attn
 from wsss.models.weights import RANDOM_INIT, download_from_hf, load_state_dict_checked, read_state_dict
 
 # LayerNorm epsilon of the blocks and stage norms in the official code (patch-embed and
@@ -89,23 +91,28 @@ class EfficientSelfAttention(nn.Module):
             self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, hw: tuple[int, int], with_logits: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x [B, N, C] -> (out [B, N, C], raw logits q.k^T [B, heads, N, M] or None)."""
+    def forward(self, x: Tensor, hw: tuple[int, int], record: str | None = None) -> tuple[Tensor, AttnRecord]:
+        """x [B, N, C] -> (out [B, N, C], what ``record`` asks: None; "logits", the raw q.k^T
+        [B, heads, N, M]; or "factors", those logits as :class:`AttnFactors` (q, k))."""
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.num_heads, -1).transpose(1, 2)  # [B, h, N, d]
         if self.sr_ratio > 1:
             x = self.sr(x.transpose(1, 2).reshape(b, c, *hw)).flatten(2).transpose(1, 2)
             x = self.norm(x)
         k, v = self.kv(x).reshape(b, -1, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        # The logits only where AFA needs them. With autograd the explicit softmax(logits) @ v is the faster
+        # The logits only where AFA asks for them. With autograd the explicit softmax(logits) @ v is the faster
         # way to the output (its backward reuses the logits); without (the CAM passes), and wherever no logits
         # are asked, fused SDPA is (measured: 53 vs 77 ms per block at 900 tokens, 2 CPU threads).
-        logits = q @ k.transpose(-2, -1) if with_logits else None
-        if logits is not None and torch.is_grad_enabled():
-            out = (logits * self.scale).softmax(dim=-1) @ v
+        kept: AttnRecord = None
+        if record == "factors":
+            kept = AttnFactors(q, k)
+        elif record == "logits":
+            kept = q @ k.transpose(-2, -1)
+        if isinstance(kept, Tensor) and torch.is_grad_enabled():
+            out = (kept * self.scale).softmax(dim=-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c)), logits
+        return self.proj(out.transpose(1, 2).reshape(b, n, c)), kept
 
 
 class DWConv(nn.Module):
@@ -150,11 +157,11 @@ class MiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=_BLOCK_NORM_EPS)
         self.mlp = MixFFN(dim, dim * _MLP_RATIO)
 
-    def forward(self, x: Tensor, hw: tuple[int, int], with_logits: bool = False) -> tuple[Tensor, Tensor | None]:
-        out, logits = self.attn(self.norm1(x), hw, with_logits)
+    def forward(self, x: Tensor, hw: tuple[int, int], record: str | None = None) -> tuple[Tensor, AttnRecord]:
+        out, kept = self.attn(self.norm1(x), hw, record)
         x = x + self.drop_path(out)
         x = x + self.drop_path(self.mlp(self.norm2(x), hw))
-        return x, logits
+        return x, kept
 
 
 class MixVisionTransformer(nn.Module):
@@ -162,7 +169,8 @@ class MixVisionTransformer(nn.Module):
 
     The logits are the raw q.k^T of the last ``attn_blocks`` blocks of stage 4, concatenated
     over blocks: [B, attn_blocks * heads_4, N, N] with N = h4 * w4 (stage 4 has no spatial
-    reduction, so keys = queries = the stage-4 tokens).
+    reduction, so keys = queries = the stage-4 tokens). With ``factored`` they come as
+    :class:`AttnFactors` (q, k [B, attn_blocks * heads_4, N, d]) and are never multiplied out.
     """
 
     def __init__(
@@ -200,21 +208,24 @@ class MixVisionTransformer(nn.Module):
             in_chans, first = dim, first + spec.depths[i]
         self.apply(_init_weights)
 
-    def forward(self, x: Tensor, with_attn: bool = False) -> tuple[list[Tensor], Tensor | None]:
+    def forward(
+        self, x: Tensor, with_attn: bool = False, factored: bool = False
+    ) -> tuple[list[Tensor], Tensor | AttnFactors | None]:
         features: list[Tensor] = []
-        logits: list[Tensor] = []
+        kept: list = []
+        mode = ("factors" if factored else "logits") if with_attn else None
         for i in range(1, 5):
             x, hw = getattr(self, f"patch_embed{i}")(x)
             blocks = getattr(self, f"block{i}")
             for j, block in enumerate(blocks):
-                record = with_attn and i == 4 and j >= len(blocks) - self.attn_blocks
-                x, block_logits = block(x, hw, record)
-                if block_logits is not None:
-                    logits.append(block_logits)
+                record = mode if i == 4 and j >= len(blocks) - self.attn_blocks else None
+                x, block_kept = block(x, hw, record)
+                if block_kept is not None:
+                    kept.append(block_kept)
             x = getattr(self, f"norm{i}")(x)
             x = x.transpose(1, 2).reshape(x.shape[0], -1, *hw)
             features.append(x)
-        return features, torch.cat(logits, dim=1) if with_attn else None
+        return features, concat_attn(kept) if with_attn else None
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -104,11 +104,11 @@ class AFANetwork(nn.Module):
         """images [B, 3, H, W] -> (raw CAMs [B, K, h, w], affinity [B, N, N] | None).
 
         Backbone + classifier (+ affinity head) only: no seg head, no pooled logits, and
-        attention logits only when ``with_affinity``.
+        attention only when ``with_affinity``, as q / k factors (:mod:`wsss.models.attn_factors`).
         """
-        features, attn_logits = self.backbone(images, with_attn=with_affinity)
+        features, attn = self.backbone(images, with_attn=with_affinity, factored=True)
         cams = self.classifier.cam(features[-1])
-        return cams, self.affinity_head(attn_logits) if with_affinity else None
+        return cams, self.affinity_head(attn) if with_affinity else None
 
     def param_groups(self, train_cfg: TrainConfig) -> list[dict]:
         """The five optimizer groups of the module docstring; every trainable parameter once."""
