@@ -43,6 +43,38 @@ def test_segformer_head_gives_c_classes_at_stage1_resolution():
     assert head(features).shape == (2, 21, 32, 40)
 
 
+def _published_segformer_head(head: SegFormerHead, features: list[torch.Tensor]) -> torch.Tensor:
+    """SegFormer's order: project, upsample to stage 1, concatenate coarsest first, fuse, classify."""
+    size = features[0].shape[-2:]
+    up = [F.interpolate(proj(f), size=size, mode="bilinear", align_corners=False)
+          for proj, f in zip(head.linear_c, features)]
+    return head.linear_pred(head.dropout(head.linear_fuse(torch.cat(up[::-1], dim=1))))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_segformer_head_equals_the_published_order_in_output_and_gradients(train):
+    torch.manual_seed(0)
+    head = SegFormerHead([32, 64, 160, 256], num_classes=21, embed_dim=64, dropout=0.0).train(train)
+    if not train:  # non-trivial running statistics
+        head.linear_fuse[1].running_mean.normal_()
+        head.linear_fuse[1].running_var.uniform_(0.5, 2.0)
+    features = [torch.randn(2, c, 32 // s, 40 // s) for c, s in zip([32, 64, 160, 256], [1, 2, 4, 4])]
+    grads = []
+    for forward in (head, lambda f: _published_segformer_head(head, f)):
+        head.zero_grad()
+        out = forward(features)
+        out.square().mean().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in head.named_parameters()}))
+    (out, g), (ref, g_ref) = grads
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for name, grad in g_ref.items():
+        if train and name.startswith("linear_c.") and name.endswith(".bias"):
+            # in train mode BatchNorm removes any per-channel constant: these gradients are 0 up to rounding
+            assert grad.abs().max() < 1e-6 and g[name].abs().max() < 1e-6
+        else:
+            torch.testing.assert_close(g[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def _reference_affinity(head: AffinityHead, logits: torch.Tensor) -> torch.Tensor:
     """The published formulation: symmetrize every map, 1x1 conv, sigmoid."""
     return torch.sigmoid(head.proj(logits + logits.transpose(2, 3)))[:, 0]

@@ -52,6 +52,13 @@ class SegFormerHead(nn.Module):
 
     Each stage is projected to ``embed_dim`` (a linear layer = 1x1 conv), upsampled to
     stage 1, concatenated, fused by 1x1 conv + BatchNorm + ReLU, then classified.
+
+    Computed in another order with the same parameters: projection, upsampling and the fuse conv
+    are all linear, so each stage's projection is composed with its slice of the fuse conv into one
+    1x1 conv, applied at the stage's own resolution, and only its ``embed_dim`` channels are
+    upsampled and summed. The [B, 4 * embed_dim, H_1, W_1] concatenation is never formed, and the
+    fuse conv's cost falls from 4 maps at stage-1 size to one map per stage at its own size (MiT-B1,
+    crop 320: about 8x fewer multiply-adds in the head). Same numbers up to float rounding.
     """
 
     def __init__(
@@ -69,13 +76,17 @@ class SegFormerHead(nn.Module):
 
     def forward(self, features: list[Tensor]) -> Tensor:
         size = features[0].shape[-2:]
-        projected = [
-            F.interpolate(proj(f), size=size, mode="bilinear", align_corners=False) if f.shape[-2:] != size
-            else proj(f)
-            for proj, f in zip(self.linear_c, features)
-        ]
-        fused = self.linear_fuse(torch.cat(projected[::-1], dim=1))  # coarsest first, as SegFormer
-        return self.linear_pred(self.dropout(fused))
+        conv, norm, act = self.linear_fuse
+        # the fuse conv's input channels: the projected maps concatenated coarsest first, as SegFormer
+        fuse = conv.weight.flatten(1).unflatten(1, (len(features), -1)).flip(1)  # [E, stage, E], finest first
+        fused = None
+        for i, (proj, f) in enumerate(zip(self.linear_c, features)):
+            weight = fuse[:, i] @ proj.weight.flatten(1)  # [E, C_i]: fuse slice after projection, as one conv
+            y = F.conv2d(f, weight[:, :, None, None], fuse[:, i] @ proj.bias)
+            if y.shape[-2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            fused = y if fused is None else fused + y
+        return self.linear_pred(self.dropout(act(norm(fused))))
 
 
 ATTN_NORMS = ("none", "standardize")  # resolved values of afa.attn_norm ("auto" is resolved by the network)
