@@ -106,11 +106,12 @@ def build_training(cfg: Any, num_classes: int, device: torch.device, seed: int =
     """(network in train mode, optimizer, scheduler, GradScaler | None) as the trainer builds them, after
     ``torch.manual_seed(seed)``. ``reference_optimizer``: the per-parameter AdamW loop (``foreach=False``)
     instead of the trainer's fused one."""
-    from wsss.engine.runtime import compile_network
+    from wsss.engine.runtime import compile_network, keep_host_memory
     from wsss.engine.schedule import build_scheduler
     from wsss.engine.trainer import build_optimizer, build_scaler
     from wsss.models.network import build_network
 
+    keep_host_memory(cfg.train.keep_host_memory)  # as the trainer, before anything is allocated
     torch.manual_seed(seed)
     network = compile_network(build_network(cfg, num_classes).to(device).train(), cfg.train.compile)
     optimizer = build_optimizer(network, cfg)

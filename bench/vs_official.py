@@ -37,7 +37,9 @@ Both sides run in their own child process (``--child``), set up once and driven 
   ``PhaseTimer``, as ``bench/train_step.py`` drives it, at ``max(afa_label_iter, cam_iters)``. Both with the
   drop-path (0.1) and dropout (0.1) of their recipes, fp32, CPU. Every iteration starts from the initial
   weights (restored outside the timing): the same iteration each time, and a non-finite official loss (its
-  seg loss is NaN when the seg target has no foreground pixel) cannot leave NaN weights behind.
+  seg loss is NaN when the seg target has no foreground pixel) cannot leave NaN weights behind. Host memory:
+  ours keeps freed memory for reuse (``train.keep_host_memory``, on by default, as in training); the official
+  side runs with glibc's defaults, as it ships, or with the same setting (``--official-allocator kept``).
 - Memory: each child's RSS right after set-up (imports, network, optimizer, batch) and its peak RSS at the
   end (``ru_maxrss``), and the growth over the set-up.
 - PAR alone: the official ``PAR`` module (input images halved as in ``refine_cams_with_bkg_v2``) against
@@ -475,6 +477,7 @@ class OursSide:
             "iteration timed": self.iteration,
             "parameters": sum(p.numel() for p in self.network.parameters()),
             "weights": f"{self.mapped} official tensors mapped ({self.reshaped} Linear -> 1x1 conv)",
+            "keep host memory": tc.keep_host_memory,
         }
 
     def set_thresholds(self, high: float, low: float) -> None:
@@ -546,7 +549,11 @@ def child_main(args: argparse.Namespace) -> None:
         import torch
         from _common import current_rss, peak_rss, timed_step
 
+        from wsss.engine.runtime import keep_host_memory
         from wsss.engine.trainer import PhaseTimer
+
+        if args.child == "official" and args.official_allocator == "kept":
+            keep_host_memory(True)  # ours applies it in build_training, as the trainer, per train.keep_host_memory
 
         torch.set_num_threads(args.threads)
         side = OfficialSide(args, workdir) if args.child == "official" else OursSide(args, workdir)
@@ -610,7 +617,7 @@ class Child:
         self.log: IO[str] = open(self.log_path, "w")  # noqa: SIM115  (closed in close())
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--official-dir", args.official_dir,
                "--workdir", str(workdir), "--threads", str(args.threads), "--seed", str(args.seed),
-               "--batch", str(args.batch), *args.overrides]
+               "--batch", str(args.batch), "--official-allocator", args.official_allocator, *args.overrides]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      bufsize=1)
         self.ready = self._read()
@@ -697,6 +704,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each side")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--official-allocator", choices=["default", "kept"], default="default",
+                        help="the official side's host allocator: glibc's defaults, as it ships (default), or "
+                             "kept, the setting of our train.keep_host_memory (on by default on our side)")
     parser.add_argument("--child", choices=["official", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides of our side (e.g. par.iterations=10)")
@@ -747,6 +757,8 @@ def main() -> None:
     info = official.ready["info"]
     print(f"AFA, official code ({args.official_dir}) vs ours (wsss): MiT-B1, batch {args.batch}, crop {info['crop']}, "
           f"CPU, fp32, {official.ready['threads']} threads per side, torch {torch.__version__}")
+    print(f"host allocator: official {args.official_allocator} (--official-allocator), ours "
+          f"{'kept' if ours.ready['info']['keep host memory'] else 'default'} (train.keep_host_memory)")
     print(f"load average at start: {load_start}")
     sections = [config_report(info, ours.ready["info"]),
                 *(equivalence_report(*pair, bg) for pair, bg in zip(checks, thresholds))]

@@ -4,6 +4,8 @@ the bare network inside its wrappers, the pipeline's settings from the config, R
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 
 import torch
 from torch import nn
@@ -46,6 +48,26 @@ def compile_network(network: nn.Module, enabled: bool) -> nn.Module:
     if enabled:
         unwrap(network).backbone.compile(dynamic=False)
     return network
+
+
+# glibc's mallopt parameters (malloc.h) and the value given to both: above any tensor of a training step
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BYTES = 1 << 30
+
+
+def keep_host_memory(enabled: bool) -> bool:
+    """``train.keep_host_memory``: glibc serves large allocations from the heap and keeps what is freed
+    (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), so that a training loop reuses its host memory
+    instead of mapping, faulting in and unmapping it on every iteration. Process-wide. -> whether applied
+    (False when disabled or off glibc, where nothing changes)."""
+    if not enabled or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):  # no glibc (e.g. musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) == 1 and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1
 
 
 def fork_rng(device: torch.device | str) -> contextlib.AbstractContextManager:

@@ -56,7 +56,15 @@ from wsss.engine.loader import build_train_loader, iterate_batches
 from wsss.engine.run_files import (
     RunLogger, check_work_dir, config_differences, keep_interval_checkpoint, resolve_resume, write_run_files,
 )
-from wsss.engine.runtime import autocast, autocast_dtype, compile_network, fork_rng, pseudo_label_params, unwrap
+from wsss.engine.runtime import (
+    autocast,
+    autocast_dtype,
+    compile_network,
+    fork_rng,
+    keep_host_memory,
+    pseudo_label_params,
+    unwrap,
+)
 from wsss.engine.schedule import build_scheduler
 from wsss.errors import ConfigError, DatasetError, WsssError
 from wsss.logs import configure_logging
@@ -585,6 +593,7 @@ class _Run:
         from wsss.models.network import build_network
 
         cfg, ctx, tc = self.cfg, self.ctx, self.cfg.train
+        keep_host_memory(tc.keep_host_memory)
         seed_everything(tc.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
         network = build_network(_without_pretrained(cfg) if ckpt is not None else cfg, self.dataset.num_classes)
         network.to(ctx.device)
