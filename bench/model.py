@@ -20,24 +20,14 @@ before the first run: weights, inputs). CPU: peak resident set size of the child
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import torch
-from _common import peak_memory, peak_rss, run_in_child, time_runs
+from _common import current_rss, peak_memory, run_in_child, time_runs
 
 CASES = ["backbone", "train", "ms_cam"]
 CAM_SCALES = [1.0, 0.5, 1.5]
 AFFINITY_SCALE = 1.5
-
-
-def _current_rss() -> int:
-    """Resident set size now, in bytes (Linux /proc; elsewhere the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return peak_rss()
 
 
 def _case(case: str, precision: str, args) -> dict:
@@ -84,7 +74,7 @@ def _case(case: str, precision: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = _current_rss()
+        baseline = current_rss()
     times = time_runs(run, args.warmup, args.repeats, cuda)
     peak = peak_memory(cuda)
     return {"case": case, "precision": precision, "median_ms": 1000 * statistics.median(times),

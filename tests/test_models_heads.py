@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from wsss.errors import ConfigError
 from wsss.method.affinity import affinity_labels
-from wsss.models.attn_factors import AttnFactors
 from wsss.method.losses import affinity_loss
+from wsss.models.attn_factors import AttnFactors
 from wsss.models.heads import AffinityHead, CamClassifier, SegFormerHead, standardize_attn_logits
 
 

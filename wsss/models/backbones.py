@@ -33,7 +33,6 @@ import math
 import sys
 from typing import Protocol
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
