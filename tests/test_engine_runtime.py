@@ -67,6 +67,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow  # two interpreters
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_keep_host_memory_lets_a_loop_reuse_large_tensors_without_faulting_them_in_again():
     def faults(mode: str) -> tuple[str, int]:
