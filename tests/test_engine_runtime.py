@@ -58,7 +58,7 @@ _FAULTS = """
 import resource, sys, torch
 from wsss.engine.runtime import keep_host_memory
 applied = keep_host_memory(sys.argv[1] == "on")
-for _ in range(2):  # 64 MiB, allocated and freed: the heap grows to hold it
+for _ in range(8):  # 64 MiB, allocated and freed: the heap grows to hold it (it settles within ~5 rounds)
     torch.empty(16 << 20).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(8):
