@@ -21,11 +21,11 @@ afa.affinity_scale=2.0``).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 import torch.nn.functional as F
+from _common import load_average
 
 ROWS = {"par": "PAR (CAM + PAR)", "afa": "AFA, learned affinity (+ PAR)", "oracle": "AFA, oracle affinity (+ PAR)",
         "grid": "grid, no walk (+ PAR)"}
@@ -89,7 +89,7 @@ def main() -> None:
     h, w = maps.grid
     print(f"{args.checkpoint}: split '{split}', {count} images, affinity of the x{cfg.afa.affinity_scale} pass on "
           f"{h}x{w} tokens (last image), radius {cfg.afa.radius}, CAM scales {list(cfg.cam.scales)}; "
-          f"{seconds:.0f} s, load average {os.getloadavg()[0]:.2f}")
+          f"{seconds:.0f} s, load average {load_average()}")
     for key, name in ROWS.items():
         print(f"  {name:<34}{matrices[key].compute()['miou']:>7.2f}")
 

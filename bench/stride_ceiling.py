@@ -15,8 +15,9 @@ no cell and in no score.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
+
+from _common import load_average
 
 
 def stride_ceiling(data_root: Path, split: str, stride: int) -> float:
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16])
     args = parser.parse_args()
     print(f"{args.data_root} '{args.split}': mIoU % of the ideal prediction at each output stride "
-          f"(load average {os.getloadavg()[0]:.2f})")
+          f"(load average {load_average()})")
     for stride in args.strides:
         print(f"  stride {stride:>3}: {stride_ceiling(args.data_root, args.split, stride):5.1f}")
 

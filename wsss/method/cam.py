@@ -52,7 +52,7 @@ def multiscale_cam(
 
     Per scale s: the image resized to (int(s*H), int(s*W)) and its flip go through ONE
     cam_fn call (batch 2B), except at ``affinity_scale``: there the image (with affinity) and its
-    flip (without: explicit attention logits cost time and memory) are two calls (the image at
+    flip (without: its affinity is never used) are two calls (the image at
     scale 1 is ``images`` itself); CAMs are resized to H x W, the flipped half is un-flipped and
     the elementwise max taken, then ReLU. The scales are summed, each channel is min-max
     normalized ((cam - min) / (max + 1e-5)) and absent classes are zeroed.

@@ -29,6 +29,11 @@ class AttnFactors(NamedTuple):
 AttnRecord = Tensor | AttnFactors | None  # what an attention layer hands back besides its output
 
 
+def record_mode(with_attn: bool, factored: bool) -> str | None:
+    """What a backbone's recording attention layers keep: None, "logits" or "factors"."""
+    return ("factors" if factored else "logits") if with_attn else None
+
+
 def concat_attn(kept: list[Tensor] | list[AttnFactors]) -> Tensor | AttnFactors:
     """Several blocks' logits (or factors) -> one, concatenated over the map dimension."""
     if isinstance(kept[0], AttnFactors):

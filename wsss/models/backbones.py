@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from wsss.config import ModelConfig
 from wsss.errors import ConfigError, WsssError
-from wsss.models.attn_factors import AttnFactors, concat_attn
+from wsss.models.attn_factors import AttnFactors, concat_attn, record_mode
 from wsss.models.mit import MIT_SPECS, create_mit
 from wsss.models.weights import RANDOM_INIT, load_state_dict_checked, read_state_dict
 
@@ -211,7 +211,7 @@ class TimmBackbone(nn.Module):
         self, x: Tensor, with_attn: bool = False, factored: bool = False
     ) -> tuple[list[Tensor], Tensor | AttnFactors | None]:
         for recorder in self.recorders:
-            recorder.record = ("factors" if factored else "logits") if with_attn else None
+            recorder.record = record_mode(with_attn, factored)
         try:
             if self.family == "vit":
                 features = self.model.forward_intermediates(

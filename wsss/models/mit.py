@@ -26,7 +26,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from wsss.errors import ConfigError, WsssError
-from wsss.models.attn_factors import AttnFactors, AttnRecord, concat_attn
+from wsss.models.attn_factors import AttnFactors, AttnRecord, concat_attn, record_mode
 from wsss.models.weights import RANDOM_INIT, download_from_hf, load_state_dict_checked, read_state_dict
 
 # LayerNorm epsilon of the blocks and stage norms in the official code (patch-embed and
@@ -213,7 +213,7 @@ class MixVisionTransformer(nn.Module):
     ) -> tuple[list[Tensor], Tensor | AttnFactors | None]:
         features: list[Tensor] = []
         kept: list = []
-        mode = ("factors" if factored else "logits") if with_attn else None
+        mode = record_mode(with_attn, factored)
         for i in range(1, 5):
             x, hw = getattr(self, f"patch_embed{i}")(x)
             blocks = getattr(self, f"block{i}")
