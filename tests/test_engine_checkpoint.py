@@ -113,6 +113,21 @@ def test_load_network_with_an_override_that_changes_the_architecture_says_so(tmp
         load_network(tmp_path / "c.pt", "cpu", ["model.seg_embed_dim=16"])
 
 
+def test_a_vit_checkpoint_from_before_the_seg_pyramid_loads_without_one_and_a_new_one_with_it(tmp_path):
+    vit = ("model.backbone=timm:vit_tiny_patch16_224", "model.seg_embed_dim=32")
+    for pyramid in ("none", "auto"):
+        cfg = tiny_cfg(*vit, f"model.seg_pyramid={pyramid}")
+        torch.manual_seed(0)
+        network = build_network(cfg, NUM_CLASSES)
+        saved = cfg.to_dict()
+        if pyramid == "none":
+            del saved["model"]["seg_pyramid"]  # as written before the key existed
+        save_checkpoint({"config": saved, "model": network.state_dict(), "num_classes": NUM_CLASSES}, tmp_path / "c.pt")
+        loaded, loaded_cfg, _ = load_network(tmp_path / "c.pt", "cpu")
+        assert loaded_cfg.model.seg_pyramid == pyramid
+        assert (loaded.seg_pyramid is None) == (pyramid == "none")
+
+
 def test_load_network_never_downloads_pretrained_weights(tmp_path):
     write_checkpoint(tmp_path / "c.pt", tiny_cfg("model.pretrained=/nonexistent/weights.pth"))
     network, cfg, _ = load_network(tmp_path / "c.pt", "cpu")

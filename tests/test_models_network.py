@@ -139,8 +139,28 @@ def test_a_timm_vit_network_end_to_end():
     out = net(torch.randn(1, 3, 64, 96))
     assert out.cams.shape == (1, C - 1, 4, 6)
     assert out.affinity.shape == (1, 24, 24)
-    assert out.seg_logits.shape == (1, C, 4, 6)  # ViT: stage 1 is at the patch stride
+    assert out.seg_logits.shape == (1, C, 16, 24)  # the feature pyramid takes the seg head to stride 4
     assert net.attn_norm == net.affinity_head.attn_norm == "standardize"  # afa.attn_norm "auto", timm
+
+
+def test_seg_pyramid_auto_upsamples_a_plain_vit_for_the_seg_head_only_and_leaves_mit_as_published():
+    vit = _network("model.backbone=timm:vit_tiny_patch16_224")
+    features = vit.backbone(torch.randn(1, 3, 64, 96))[0]
+    maps = vit.seg_pyramid(features)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(16, 24), (8, 12), (4, 6), (4, 6)]
+    assert [m.shape[1] for m in maps] == [192 // 4, 192 // 2, 192, 192] == vit.seg_pyramid.out_channels
+    assert maps[2] is features[2] and maps[3] is features[3]
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in vit.param_groups(load_config("demo").train)}
+    assert {id(p) for p in vit.seg_pyramid.parameters()} <= groups["seg_head"]  # new layers: the head's lr
+    plain = _network("model.backbone=timm:vit_tiny_patch16_224", "model.seg_pyramid=none")
+    assert plain.seg_pyramid is None and plain(torch.randn(1, 3, 64, 96)).seg_logits.shape == (1, C, 4, 6)
+    mit = _network()
+    assert mit.seg_pyramid is None and not any("pyramid" in k for k in mit.state_dict())
+
+
+def test_seg_pyramid_vit_on_a_hierarchical_backbone_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"seg_pyramid='vit' needs .* strides \[4, 8, 16, 16\]"):
+        _network("model.seg_pyramid=vit")
 
 
 def test_fewer_than_two_classes_is_a_config_error():

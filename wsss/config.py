@@ -82,6 +82,11 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     cam_pooling: Literal["gmp", "gap"] = "gmp"
     seg_head: Literal["segformer", "mask_decoder"] = "segformer"
+    # Feature pyramid between backbone and seg head. A plain ViT / DeiT gives four maps at its patch stride
+    # (16), too coarse for thin structures; "vit" upsamples the first two to strides 4 and 8 with transposed
+    # convolutions (heads.ViTFeaturePyramid); "auto" = "vit" for a backbone whose four maps share one stride,
+    # "none" otherwise (MiT / PVT-v2 are hierarchical already: the published network, unchanged).
+    seg_pyramid: Literal["auto", "none", "vit"] = "auto"
     seg_embed_dim: int = 256
     seg_dropout: float = 0.1  # Dropout2d before the SegFormer head's classifier (published head)
     mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)

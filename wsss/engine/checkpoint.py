@@ -140,9 +140,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_config(ckpt: dict[str, Any], overrides: list[str] | None = None, source: str = "") -> Config:
-    """The run's Config from a checkpoint dict, with ``key=value`` overrides applied."""
+    """The run's Config from a checkpoint dict, with ``key=value`` overrides applied.
+
+    A checkpoint written before ``model.seg_pyramid`` existed had no pyramid: its config reads as "none"
+    (the default "auto" would add one to a ViT network and its weights would not fit)."""
+    saved = ckpt["config"]
+    if isinstance(saved, dict) and isinstance(saved.get("model"), dict) and "seg_pyramid" not in saved["model"]:
+        saved = {**saved, "model": {**saved["model"], "seg_pyramid": "none"}}
     try:
-        cfg = config_from_dict(ckpt["config"])
+        cfg = config_from_dict(saved)
     except ConfigError as exc:
         raise WsssError(f"checkpoint {source or ''} holds a config this version cannot read: {exc}") from None
     return apply_overrides(cfg, list(overrides or []))

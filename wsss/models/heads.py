@@ -3,6 +3,8 @@
 - :class:`CamClassifier`: 1x1 conv without bias on stage-4 features; pooled features give
   the image-level logits, the same conv applied densely gives the CAMs (Zhou et al., 2016).
 - :class:`SegFormerHead`: the all-MLP decoder of SegFormer (Xie et al., NeurIPS 2021).
+- :class:`ViTFeaturePyramid`: strides 4 / 8 / 16 / 16 from a plain ViT's four single-stride maps,
+  for the seg head (not part of the published network, which has a hierarchical MiT).
 - :class:`AffinityHead`: AFA's affinity from attention (Ru et al., CVPR 2022, sec. 3.2):
   symmetrized raw attention logits (optionally standardized per map), a 1x1 conv over the maps, sigmoid.
 """
@@ -14,6 +16,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
 from wsss.errors import ConfigError
@@ -87,6 +90,35 @@ class SegFormerHead(nn.Module):
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             fused = y if fused is None else fused + y
         return self.linear_pred(self.dropout(act(norm(fused))))
+
+
+class ViTFeaturePyramid(nn.Module):
+    """Four maps at one stride s, finest-to-be first -> maps at strides s/4, s/2, s, s.
+
+    A plain ViT / DeiT gives the seg head four blocks' tokens, all at its patch stride (16): a head on
+    them predicts 16 x 16-pixel cells, whose best mIoU is far below what a stride-4 head can reach on
+    thin or small objects (``bench/stride_ceiling.py``). As DPT's "reassemble" step (Ranftl et al.,
+    ICCV 2021) and ViTDet's simple feature pyramid (Li et al., ECCV 2022), learned 2 x 2 transposed
+    convolutions bring the earliest block to s/4 (two of them, with LayerNorm + GELU between, halving the
+    channels each time) and the second to s/2 (one); the last two stay at s (the CAMs and the affinity
+    use the last block's grid, which the pyramid does not touch). The SegFormer head's per-map projection
+    follows, so there is no extra projection here. ``out_channels``: C/4, C/2, C, C of the input widths.
+    """
+
+    def __init__(self, in_channels: list[int]) -> None:
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ConfigError(f"the ViT feature pyramid expects 4 maps, got {len(in_channels)} ({in_channels})")
+        c1, c2 = in_channels[0], in_channels[1]
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(c1, c1 // 2, 2, stride=2), LayerNorm2d(c1 // 2), nn.GELU(),
+            nn.ConvTranspose2d(c1 // 2, c1 // 4, 2, stride=2),
+        )
+        self.up2 = nn.ConvTranspose2d(c2, c2 // 2, 2, stride=2)
+        self.out_channels = [c1 // 4, c2 // 2, in_channels[2], in_channels[3]]
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        return [self.up4(features[0]), self.up2(features[1]), features[2], features[3]]
 
 
 ATTN_NORMS = ("none", "standardize")  # resolved values of afa.attn_norm ("auto" is resolved by the network)

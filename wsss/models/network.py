@@ -1,5 +1,8 @@
 """The assembled AFA network: backbone + CAM classifier + segmentation head + affinity head.
 
+A backbone whose four maps share one stride (a plain ViT / DeiT) also gets a feature pyramid in front of
+the seg head (``model.seg_pyramid``, :class:`~wsss.models.heads.ViTFeaturePyramid`); MiT and PVT-v2 do not.
+
     net = build_network(cfg, num_classes=21)        # C classes incl. background
     out = net(images)                               # NetworkOutput, training pass
     cams, affinity = net.cam_forward(images, True)  # the ``cam_fn`` of multiscale_cam
@@ -16,8 +19,8 @@ sets ``group["lr"] = lr_now * group["lr_mult"]``):
                      so the groups, the optimizer state and a resumed run look the same
                      whichever way the flag is set.
 - ``cam_afa_heads``  classifier + affinity 1x1 conv: lr x ``train.head_lr_mult``
-- ``seg_head``       segmentation head: lr x ``train.head_lr_mult`` (SegFormer head) or
-                     x ``model.mask_decoder.lr_mult`` (mask decoder)
+- ``seg_head``       segmentation head (and its feature pyramid, if any): lr x ``train.head_lr_mult``
+                     (SegFormer head) or x ``model.mask_decoder.lr_mult`` (mask decoder)
 - ``seg_head_no_decay``  the head parameters its ``no_weight_decay()`` names (the mask
                      decoder's query / level embeddings and soft-mask scales, as
                      Mask2Former): the seg head's lr, weight decay 0; empty for the
@@ -33,7 +36,7 @@ from torch import Tensor, nn
 from wsss.config import Config, TrainConfig
 from wsss.errors import ConfigError
 from wsss.models.backbones import TIMM_PREFIX, create_backbone
-from wsss.models.heads import ATTN_NORMS, AffinityHead, CamClassifier, SegFormerHead
+from wsss.models.heads import ATTN_NORMS, AffinityHead, CamClassifier, SegFormerHead, ViTFeaturePyramid
 from wsss.models.mit import MIT_SPECS
 
 SEG_HEADS = ("segformer", "mask_decoder")
@@ -44,7 +47,7 @@ _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.R
 class NetworkOutput:
     cls_logits: Tensor  # [B, K]
     cams: Tensor  # [B, K, h, w] raw (no ReLU), stage-4 grid
-    seg_logits: Tensor | None  # [B, C, H1, W1] at stage-1 resolution (1/4 for MiT / PVT)
+    seg_logits: Tensor | None  # [B, C, H1, W1] at the finest map's resolution (1/4 for MiT / PVT / ViT + pyramid)
     seg_aux: list[Tensor] = field(default_factory=list)  # mask decoder deep supervision, [] for SegFormer
     affinity: Tensor | None = None  # [B, N, N] in [0, 1], N = h * w
     features: list[Tensor] = field(default_factory=list)  # the 4 backbone maps
@@ -77,7 +80,7 @@ class AFANetwork(nn.Module):
 
     def __init__(
         self, backbone: nn.Module, seg_head: nn.Module, num_classes: int, cam_pooling: str = "gmp",
-        attn_norm: str = "none",
+        attn_norm: str = "none", seg_pyramid: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -88,6 +91,7 @@ class AFANetwork(nn.Module):
         self.affinity_head = AffinityHead(backbone.attn_maps, attn_norm)
         self.attn_norm = self.affinity_head.attn_norm
         self.seg_head = seg_head
+        self.seg_pyramid = seg_pyramid  # maps the backbone's features for the seg head only (None: as they are)
 
     def forward(self, images: Tensor, with_seg: bool = True, with_affinity: bool = True) -> NetworkOutput:
         """images [B, 3, H, W] normalized -> NetworkOutput (seg / affinity None when not asked)."""
@@ -95,7 +99,7 @@ class AFANetwork(nn.Module):
         cls_logits, cams = self.classifier(features[-1])
         seg_logits, seg_aux = None, []
         if with_seg:
-            seg_out = self.seg_head(features)
+            seg_out = self.seg_head(self.seg_pyramid(features) if self.seg_pyramid is not None else features)
             seg_logits, seg_aux = seg_out if isinstance(seg_out, tuple) else (seg_out, [])
         affinity = self.affinity_head(attn_logits) if with_affinity else None
         return NetworkOutput(cls_logits, cams, seg_logits, list(seg_aux), affinity, features)
@@ -120,12 +124,14 @@ class AFANetwork(nn.Module):
         seg_mult = getattr(self.seg_head, "lr_mult", head_mult)  # the mask decoder has its own
         no_decay_fn = getattr(self.seg_head, "no_weight_decay", None)
         no_decay = set(no_decay_fn()) if no_decay_fn is not None else set()
+        seg = [*(self.seg_pyramid.parameters() if self.seg_pyramid is not None else ()),
+               *(p for n, p in self.seg_head.named_parameters() if n not in no_decay)]
         norm_mult = 0.0 if train_cfg.freeze_backbone_norm else 1.0
         specs = [
             ("backbone", [p for p in backbone if id(p) not in norm_ids], 1.0),
             ("backbone_norm", [p for p in backbone if id(p) in norm_ids], norm_mult),
             ("cam_afa_heads", [*self.classifier.parameters(), *self.affinity_head.parameters()], head_mult),
-            ("seg_head", [p for n, p in self.seg_head.named_parameters() if n not in no_decay], seg_mult),
+            ("seg_head", seg, seg_mult),
             ("seg_head_no_decay", [p for n, p in self.seg_head.named_parameters() if n in no_decay], seg_mult),
         ]
         return [
@@ -151,10 +157,31 @@ def build_seg_head(cfg: Config, in_channels: list[int], num_classes: int) -> nn.
     raise ConfigError(f"model.seg_head must be one of {', '.join(SEG_HEADS)}, got {kind!r}")
 
 
+def build_seg_pyramid(kind: str, backbone: nn.Module) -> ViTFeaturePyramid | None:
+    """model.seg_pyramid for ``backbone`` -> the pyramid in front of the seg head, or None.
+
+    "auto": a pyramid when the backbone's four maps share one stride (a plain ViT / DeiT), none for a
+    hierarchical backbone (MiT, PVT-v2: the published network). "vit" on a hierarchical backbone is an error.
+    """
+    single_stride = len(set(backbone.feature_strides)) == 1
+    if kind == "auto":
+        kind = "vit" if single_stride else "none"
+    if kind == "none":
+        return None
+    if kind != "vit":
+        raise ConfigError(f"model.seg_pyramid must be 'auto', 'none' or 'vit', got {kind!r}")
+    if not single_stride:
+        raise ConfigError(f"model.seg_pyramid='vit' needs a backbone whose four maps share one stride (a plain "
+                          f"ViT / DeiT); this one has strides {list(backbone.feature_strides)}: use 'auto' or 'none'")
+    return ViTFeaturePyramid(list(backbone.out_channels))
+
+
 def build_network(cfg: Config, num_classes: int) -> AFANetwork:
     """The network of ``cfg.model`` for ``num_classes`` = C classes including background
     (afa.attn_norm "auto" resolved for the backbone: ``network.attn_norm``)."""
     backbone = create_backbone(cfg.model, cfg.afa.attn_blocks)  # first: its error names the accepted backbones
     attn_norm = resolve_attn_norm(cfg.model.backbone, cfg.afa.attn_norm)
-    seg_head = build_seg_head(cfg, list(backbone.out_channels), num_classes)
-    return AFANetwork(backbone, seg_head, num_classes, cfg.model.cam_pooling, attn_norm)
+    pyramid = build_seg_pyramid(cfg.model.seg_pyramid, backbone)
+    in_channels = pyramid.out_channels if pyramid is not None else backbone.out_channels
+    seg_head = build_seg_head(cfg, list(in_channels), num_classes)
+    return AFANetwork(backbone, seg_head, num_classes, cfg.model.cam_pooling, attn_norm, pyramid)
