@@ -36,7 +36,13 @@ from torch import Tensor, nn
 from wsss.config import Config, TrainConfig
 from wsss.errors import ConfigError
 from wsss.models.backbones import TIMM_PREFIX, create_backbone
-from wsss.models.heads import ATTN_NORMS, AffinityHead, CamClassifier, SegFormerHead, ViTFeaturePyramid
+from wsss.models.heads import (
+    ATTN_NORMS,
+    AffinityHead,
+    CamClassifier,
+    SegFormerHead,
+    ViTFeaturePyramid,
+)
 from wsss.models.mit import MIT_SPECS
 
 SEG_HEADS = ("segformer", "mask_decoder")
