@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: peak memory, the timed repeat loop, one case per child process, and
+"""What the benchmark scripts share: peak memory, the timed repeat loop, one case per child process, a run's
+logged losses (``loss_summary``), and
 the AFA training-step set-up of ``train_step.py`` / ``vs_official.py`` (config, network + optimizer, the
 fixed synthetic batch, one timed iteration split by phase).
 
@@ -8,12 +9,14 @@ The scripts run as ``python3 bench/NAME.py``, so this folder is on ``sys.path`` 
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -156,3 +159,26 @@ def timed_step(step: Callable[[], Any], timer: Any, cuda: bool = False) -> dict[
         torch.cuda.synchronize()
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"total": total, "cpu": cpu, **dict(timer.totals)}
+
+
+def loss_summary(work_dir: Path) -> dict[str, Any]:
+    """The run's metrics.jsonl "train" records -> per loss name {first, min, last} of the logged means,
+    each as [iteration, value]; {} when nothing was logged."""
+    path = work_dir / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("kind") == "train" and isinstance(record.get("losses"), dict):
+                records.append(record)
+    summary: dict[str, Any] = {}
+    for name in records[0]["losses"] if records else ():
+        points = [(r["iteration"], r["losses"][name]) for r in records
+                  if isinstance(r["losses"].get(name), (int, float))]
+        if points:
+            summary[name] = {"first": list(points[0]), "min": list(min(points, key=lambda p: p[1])),
+                             "last": list(points[-1])}
+    return summary

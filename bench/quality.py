@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import loss_summary
+
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[\w.]+=")  # section.key=value, as the wsss CLI tells them
 LOAD_SAMPLE_S = 5.0  # seconds between load-average samples while a variant trains
@@ -146,29 +148,6 @@ def multi_object_mious(entry: dict[str, Any], data_dir: Path) -> dict[str, Any]:
         if key == "val":
             out[key]["seg_all"] = every.compute()["miou"]
     return out
-
-
-def loss_summary(work_dir: Path) -> dict[str, Any]:
-    """The run's metrics.jsonl "train" records -> per loss name {first, min, last} of the logged means,
-    each as [iteration, value]; {} when nothing was logged."""
-    path = work_dir / "metrics.jsonl"
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("kind") == "train" and isinstance(record.get("losses"), dict):
-                records.append(record)
-    summary: dict[str, Any] = {}
-    for name in records[0]["losses"] if records else ():
-        points = [(r["iteration"], r["losses"][name]) for r in records
-                  if isinstance(r["losses"].get(name), (int, float))]
-        if points:
-            summary[name] = {"first": list(points[0]), "min": list(min(points, key=lambda p: p[1])),
-                             "last": list(points[-1])}
-    return summary
 
 
 def run_variant(name: str, data_dir: Path, out: Path, overrides: list[str]) -> dict[str, Any]:

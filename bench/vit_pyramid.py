@@ -17,12 +17,11 @@ Trailing ``key=value`` arguments are config overrides of both demo runs.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 
-from _common import load_average
+from _common import load_average, loss_summary
 
 BACKBONE = "timm:deit_tiny_patch16_224"
 
@@ -51,16 +50,6 @@ def pretrain(data_dir: Path, work_dir: Path, iterations: int) -> tuple[Path, dic
     torch.save(network.backbone.model.state_dict(), weights)  # timm's own key names
     f1 = classifier_f1(checkpoint, cfg, "val")["macro_f1"]
     return weights, {"seconds": seconds, "val_macro_f1": f1, "load": load_average()}
-
-
-def final_aff_loss(work_dir: Path) -> float | None:
-    """The last logged mean affinity loss of a run (metrics.jsonl)."""
-    value = None
-    for line in (work_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("kind") == "train" and isinstance(record.get("losses", {}).get("aff"), (int, float)):
-            value = record["losses"]["aff"]
-    return value
 
 
 def main() -> None:
@@ -95,8 +84,9 @@ def main() -> None:
                                      f"train.iterations={args.iterations}", f"train.lr={args.lr}",
                                      "train.precision=bf16", *args.overrides])
         r = result["rows"]
+        aff = loss_summary(work_dir).get("aff")
         rows.append((pyramid, r["cam"], r["par"], r["afa"], r["seg"], r["seg"] / r["par"],
-                     result["classifier"]["macro_f1"], final_aff_loss(work_dir), time.perf_counter() - start,
+                     result["classifier"]["macro_f1"], aff["last"][1] if aff else None, time.perf_counter() - start,
                      f"{before} -> {load_average()}"))
         print(f"model.seg_pyramid={pyramid}: done in {rows[-1][8]:.0f} s", flush=True)
     print(f"\n{BACKBONE} from our classes10 weights on the default demo data; mIoU %: CAM / PAR / AFA on train, "
