@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -126,6 +128,31 @@ def test_segformer_strides_put_stage4_at_one_thirty_second():
     with torch.no_grad():
         features, _ = net(torch.randn(1, 3, 128, 128))
     assert features[3].shape[-2:] == (4, 4)
+
+
+def test_conv_stem_replaces_only_the_first_patch_embedding_and_keeps_the_geometry():
+    plain, stem = _backbone("mit_tiny"), _backbone("mit_tiny", conv_stem=16)
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        (f_plain, l_plain), (f_stem, l_stem) = plain(x, with_attn=True), stem(x, with_attn=True)
+    assert [f.shape for f in f_stem] == [f.shape for f in f_plain] and l_stem.shape == l_plain.shape
+    assert stem.feature_strides == plain.feature_strides == [4, 8, 16, 16]
+    new_keys = set(stem.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) - set(stem.state_dict()) == {"patch_embed1.proj.weight", "patch_embed1.proj.bias"}
+    assert new_keys and all(k.startswith("patch_embed1.proj.") for k in new_keys)
+    convs = [m for m in stem.patch_embed1.proj.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [(3, 16, 2), (16, 16, 1), (16, 32, 2)]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in stem.patch_embed1.proj.modules())
+
+
+@pytest.mark.parametrize("name, cfg, message", [
+    ("mit_tiny", {"pretrained": "weights.pth"}, "model.pretrained='weights.pth' would not fit"),
+    (VIT, {}, "is for a MiT backbone trained from scratch"),
+    ("mit_tiny", {"strides": [2, 2, 2, 2]}, "model.strides[0] = 4"),
+])
+def test_conv_stem_is_for_mit_from_scratch_at_stride_4_only(name, cfg, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _backbone(name, conv_stem=16, **cfg)
 
 
 def test_mit_b1_has_the_published_shape():

@@ -80,6 +80,9 @@ class ModelConfig:
     pretrained: str = "hub"
     strides: list[int] = field(default_factory=lambda: [4, 2, 2, 1])
     drop_path_rate: float = 0.1
+    # MiT only, from scratch only: the width of a convolutional stem (three 3x3 convs, mit.conv_stem) in place
+    # of the first patch embedding's 7x7 stride-4 conv; 0 = the published patch embedding.
+    conv_stem: int = 0
     cam_pooling: Literal["gmp", "gap"] = "gmp"
     seg_head: Literal["segformer", "mask_decoder"] = "segformer"
     # Feature pyramid between backbone and seg head. A plain ViT / DeiT gives four maps at its patch stride

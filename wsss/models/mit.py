@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import ConvNormAct, DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from wsss.errors import ConfigError, WsssError
@@ -74,6 +74,17 @@ class OverlapPatchEmbed(nn.Module):
         x = self.proj(x)
         h, w = x.shape[-2:]
         return self.norm(x.flatten(2).transpose(1, 2)), (h, w)
+
+
+def conv_stem(out_channels: int, width: int) -> nn.Sequential:
+    """Early convolutions in place of the first patch embedding's 7x7 stride-4 conv (Xiao et al., "Early
+    Convolutions Help Transformers See Better", NeurIPS 2021): 3x3 stride 2 -> BN -> GELU -> 3x3 -> BN -> GELU
+    -> 3x3 stride 2, ``width`` channels inside; [B, 3, H, W] -> [B, out_channels, H/4, W/4]."""
+    return nn.Sequential(
+        ConvNormAct(3, width, 3, stride=2, act_layer="gelu"),
+        ConvNormAct(width, width, 3, act_layer="gelu"),
+        nn.Conv2d(width, out_channels, 3, stride=2, padding=1),
+    )
 
 
 class EfficientSelfAttention(nn.Module):
@@ -180,10 +191,16 @@ class MixVisionTransformer(nn.Module):
         attn_blocks: int = 2,
         drop_path_rate: float = 0.0,
         name: str = "mit",
+        stem_width: int = 0,
     ) -> None:
         super().__init__()
         if len(strides) != 4 or any(int(s) < 1 for s in strides):
             raise ConfigError(f"model.strides must be 4 positive integers, got {list(strides)}")
+        if stem_width < 0 or (stem_width > 0 and int(strides[0]) != 4):
+            raise ConfigError(
+                f"model.conv_stem={stem_width}: expected 0 (the published patch embedding) or a positive width "
+                f"with model.strides[0] = 4 (the stem's two stride-2 convs), strides are {list(strides)}"
+            )
         if not 1 <= attn_blocks <= spec.depths[3]:
             raise ConfigError(
                 f"afa.attn_blocks={attn_blocks} but the last stage of {name} has {spec.depths[3]} blocks"
@@ -206,6 +223,8 @@ class MixVisionTransformer(nn.Module):
             self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
             self.add_module(f"norm{i + 1}", nn.LayerNorm(dim, eps=_BLOCK_NORM_EPS))
             in_chans, first = dim, first + spec.depths[i]
+        if stem_width:
+            self.patch_embed1.proj = conv_stem(spec.embed_dims[0], stem_width)
         self.apply(_init_weights)
 
     def forward(
@@ -339,10 +358,16 @@ def create_mit(
     attn_blocks: int = 2,
     drop_path_rate: float = 0.0,
     pretrained: str = RANDOM_INIT,
+    stem_width: int = 0,
 ) -> MixVisionTransformer:
     if name not in MIT_SPECS:
         raise ConfigError(f"unknown MiT '{name}'; expected one of {', '.join(MIT_SPECS)}")
-    model = MixVisionTransformer(MIT_SPECS[name], strides, attn_blocks, drop_path_rate, name)
+    if stem_width and pretrained != RANDOM_INIT:
+        raise ConfigError(
+            f"model.conv_stem={stem_width} replaces the first patch embedding, so the weights of model.pretrained="
+            f"{pretrained!r} would not fit it: set model.pretrained=none (train from scratch) or model.conv_stem=0"
+        )
+    model = MixVisionTransformer(MIT_SPECS[name], strides, attn_blocks, drop_path_rate, name, stem_width)
     if pretrained != RANDOM_INIT:
         load_mit_weights(model, pretrained, name)
     return model
