@@ -37,6 +37,7 @@ def pretrain(data_dir: Path, work_dir: Path, iterations: int) -> tuple[Path, dic
 
     shutil.rmtree(work_dir, ignore_errors=True)
     cfg = load_config("demo", [f"data.root={data_dir}", f"train.work_dir={work_dir}", f"model.backbone={BACKBONE}",
+                               "model.conv_stem=0",  # the demo's stem is MiT-only
                                f"train.iterations={iterations}", f"train.cam_iters={iterations}",
                                f"train.afa_label_iter={iterations}", "train.val_interval=0",
                                f"train.ckpt_interval={iterations}", "train.image_log_interval=0",

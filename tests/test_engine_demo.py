@@ -60,3 +60,27 @@ def test_running_the_demo_again_continues_its_run_instead_of_refusing(demo_data,
     second = run_demo(tmp_path / "work", demo_data, overrides=tiny)
     assert "continuing the demo run" in caplog.text
     assert second["rows"] == first["rows"] and second["iterations"] == first["iterations"] == 3
+
+
+def test_demo_from_pretrained_weights_drops_the_from_scratch_conv_stem(demo_data, tmp_path, monkeypatch):
+    """configs/demo.yaml trains with a conv stem, which MiT weights do not hold: `wsss demo --pretrained` drops it
+    (else every pretrained demo would end in the stem's ConfigError)."""
+    import wsss.engine.trainer as trainer
+    from wsss.config import load_config
+    from wsss.engine.demo import run_demo
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg, resume=None):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    assert load_config("demo").model.conv_stem > 0
+    for pretrained, stem in ((None, load_config("demo").model.conv_stem), ("w/mit_tiny.pth", 0)):
+        with pytest.raises(Stop):
+            run_demo(tmp_path / "work", demo_data, pretrained=pretrained)
+        assert (seen[-1].model.conv_stem, seen[-1].model.pretrained) == (stem, pretrained or "none")

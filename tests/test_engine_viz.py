@@ -92,8 +92,8 @@ def test_cli_viz_writes_panels_and_index(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["model.backbone=timm:deit_tiny_patch16_224"],
-    ["model.backbone=timm:pvt_v2_b0"],
+    ["model.backbone=timm:deit_tiny_patch16_224", "model.conv_stem=0"],
+    ["model.backbone=timm:pvt_v2_b0", "model.conv_stem=0"],
     ["model.seg_head=mask_decoder", "model.mask_decoder.num_layers=2", "model.mask_decoder.num_queries=8",
      "model.mask_decoder.hidden_dim=32", "model.mask_decoder.ffn_dim=64", "model.mask_decoder.num_heads=2",
      "model.mask_decoder.soft_mask_scales=[8.0,4.0]"],

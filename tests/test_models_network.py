@@ -135,7 +135,7 @@ def test_mask_decoder_has_its_own_lr_and_undecayed_embeddings_and_soft_scales():
 
 
 def test_a_timm_vit_network_end_to_end():
-    net = _network("model.backbone=timm:vit_tiny_patch16_224")
+    net = _network("model.backbone=timm:vit_tiny_patch16_224", "model.conv_stem=0")
     out = net(torch.randn(1, 3, 64, 96))
     assert out.cams.shape == (1, C - 1, 4, 6)
     assert out.affinity.shape == (1, 24, 24)
@@ -144,7 +144,7 @@ def test_a_timm_vit_network_end_to_end():
 
 
 def test_seg_pyramid_auto_upsamples_a_plain_vit_for_the_seg_head_only_and_leaves_mit_as_published():
-    vit = _network("model.backbone=timm:vit_tiny_patch16_224")
+    vit = _network("model.backbone=timm:vit_tiny_patch16_224", "model.conv_stem=0")
     features = vit.backbone(torch.randn(1, 3, 64, 96))[0]
     maps = vit.seg_pyramid(features)
     assert [tuple(m.shape[-2:]) for m in maps] == [(16, 24), (8, 12), (4, 6), (4, 6)]
@@ -152,7 +152,7 @@ def test_seg_pyramid_auto_upsamples_a_plain_vit_for_the_seg_head_only_and_leaves
     assert maps[2] is features[2] and maps[3] is features[3]
     groups = {g["name"]: {id(p) for p in g["params"]} for g in vit.param_groups(load_config("demo").train)}
     assert {id(p) for p in vit.seg_pyramid.parameters()} <= groups["seg_head"]  # new layers: the head's lr
-    plain = _network("model.backbone=timm:vit_tiny_patch16_224", "model.seg_pyramid=none")
+    plain = _network("model.backbone=timm:vit_tiny_patch16_224", "model.conv_stem=0", "model.seg_pyramid=none")
     assert plain.seg_pyramid is None and plain(torch.randn(1, 3, 64, 96)).seg_logits.shape == (1, C, 4, 6)
     mit = _network()
     assert mit.seg_pyramid is None and not any("pyramid" in k for k in mit.state_dict())

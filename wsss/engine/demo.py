@@ -156,8 +156,8 @@ def run_demo(
         logger.info("building the demo dataset in %s ...", data_dir)
         build_demo_dataset(data_dir)
     extra = [f"data.root={data_dir}", f"train.work_dir={work_dir}"]
-    if pretrained:
-        extra.append(f"model.pretrained={pretrained}")
+    if pretrained:  # the demo's conv stem is for training from scratch: weights hold the published patch embedding
+        extra += ["model.conv_stem=0", f"model.pretrained={pretrained}"]
     cfg = load_config("demo", extra + list(overrides))
     if not any(o.strip().startswith("train.precision=") for o in overrides):
         cfg.train.precision = "bf16" if native_bf16(cfg.train.device) else "fp32"  # bf16 where it is faster
