@@ -23,6 +23,7 @@ targets each variant misses (``target_misses``), the classification loss per var
     python3 bench/quality.py                                    # all six variants, the recipe: ~35 min on 2 cores
     python3 bench/quality.py --variants default gray --iterations 20 train.val_interval=0 train.log_interval=5
     python3 bench/quality.py --out work_dirs/quality --json quality.json train.precision=fp32
+    python3 bench/quality.py --variants gray --num-train 2000 --iterations 7000 train.cam_iters=5500
 
 Trailing ``key=value`` arguments are config overrides for every run (``--iterations N`` is
 ``train.iterations=N``; the rest of the schedule, e.g. train.cam_iters=300, stays as given).
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="NAME", help=f"variants to run, in order (default: all: {' '.join(DEMO_VARIANTS)})")
     parser.add_argument("--iterations", type=int, default=None, metavar="N",
                         help="train.iterations of every run (default: the recipe's, 1300)")
+    parser.add_argument("--num-train", type=int, default=None, metavar="N",
+                        help="training images of every variant's data (default: the generator's, 400)")
     parser.add_argument("--out", type=Path, default=Path("work_dirs/quality"),
                         help="data/, runs/, logs/ of every variant go here (default: work_dirs/quality)")
     parser.add_argument("--json", type=Path, default=None, help="everything as JSON (default: OUT/quality.json)")
@@ -84,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.iterations < 1:
             parser.error(f"--iterations must be positive, got {args.iterations}")
         args.overrides = [f"train.iterations={args.iterations}", *args.overrides]
+    if args.num_train is not None and args.num_train < 1:
+        parser.error(f"--num-train must be positive, got {args.num_train}")
     args.json = args.json or args.out / "quality.json"
     return args
 
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "variants": {}}
     data_dirs = {}
     for name in args.variants:
-        options = demo_variant(name)
+        options = demo_variant(name) if args.num_train is None else demo_variant(name, num_train=args.num_train)
         data_dirs[name] = build_demo_dataset(out / "data" / name, options)
         report["variants"][name] = {"options": options.record(), "data_dir": str(data_dirs[name]),
                                     "single_class_share": {s: single_class_share(data_dirs[name], s)
