@@ -23,7 +23,7 @@ targets each variant misses (``target_misses``), the classification loss per var
     python3 bench/quality.py                                    # all six variants, the recipe: ~35 min on 2 cores
     python3 bench/quality.py --variants default gray --iterations 20 train.val_interval=0 train.log_interval=5
     python3 bench/quality.py --out work_dirs/quality --json quality.json train.precision=fp32
-    python3 bench/quality.py --variants gray --num-train 2000 --iterations 7000 train.cam_iters=5500
+    python3 bench/quality.py --variants gray --num-train 2000 --iterations 7000 train.cam_iters=5500 train.afa_label_iter=7000
 
 Trailing ``key=value`` arguments are config overrides for every run (``--iterations N`` is
 ``train.iterations=N``; the rest of the schedule, e.g. train.cam_iters=300, stays as given).
