@@ -91,18 +91,21 @@ def test_pseudo_labels_on_the_present_classes_equal_those_on_all_classes(tiny_co
     assert compact.cams.shape[1] == 2 and full.cams.shape[1] == K
 
 
-def test_main_pass_cams_are_reused_only_without_drop_path(tiny_config):
-    with_drop_path = build(tiny_config("model.drop_path_rate=0.1"))[0]
-    without = build(tiny_config("model.drop_path_rate=0.0"))[0]
+def test_main_pass_cams_are_reused_only_without_drop_path_or_batch_norm(tiny_config):
+    with_drop_path = build(tiny_config("model.drop_path_rate=0.1", "model.conv_stem=0"))[0]
+    without = build(tiny_config("model.drop_path_rate=0.0", "model.conv_stem=0"))[0]
+    with_stem = build(tiny_config("model.drop_path_rate=0.0", "model.conv_stem=8"))[0]  # BatchNorm: batch statistics
     assert not cam_path_is_deterministic(with_drop_path)
     assert cam_path_is_deterministic(without)
-    assert cam_path_is_deterministic(with_drop_path.eval())
+    assert not cam_path_is_deterministic(with_stem)
+    assert cam_path_is_deterministic(with_drop_path.eval()) and cam_path_is_deterministic(with_stem.eval())
 
 
 @pytest.mark.parametrize(("policy", "drop_path", "reused"), [
     ("always", 0.1, True), ("exact", 0.1, False), ("exact", 0.0, True), ("never", 0.0, False)])
 def test_cam_reuse_train_pass_decides_whether_the_scale_1_pass_runs(tiny_config, policy, drop_path, reused):
-    cfg = tiny_config(f"model.drop_path_rate={drop_path}", f"cam.reuse_train_pass={policy}", "cam.flip=true")
+    cfg = tiny_config(f"model.drop_path_rate={drop_path}", f"cam.reuse_train_pass={policy}", "cam.flip=true",
+                      "model.conv_stem=0")  # the demo's stem has BatchNorm, which "exact" never reuses
     network, _, _ = build(cfg)
     batch = tiny_batch()
     with torch.no_grad():
@@ -122,7 +125,7 @@ def test_cam_reuse_train_pass_decides_whether_the_scale_1_pass_runs(tiny_config,
 
 
 def test_reused_main_pass_gives_the_same_pseudo_labels_as_a_separate_pass(tiny_config):
-    cfg = tiny_config("model.drop_path_rate=0.0")
+    cfg = tiny_config("model.drop_path_rate=0.0", "model.conv_stem=0")  # no BatchNorm: "exact" reuses
     network, _, _ = build(cfg)
     batch = tiny_batch()
     with torch.no_grad():
@@ -266,8 +269,8 @@ def _halves(batch: dict) -> list[dict]:
 
 def test_accumulated_warmup_step_has_the_gradients_of_the_whole_batch(tiny_config):
     """Classification loss (warm-up) is a mean over images: 2 micro-batches of 1 accumulated give the
-    gradients of one batch of 2 (no BatchNorm on this path)."""
-    cfg = tiny_config("model.drop_path_rate=0.0")
+    gradients of one batch of 2 (no BatchNorm on this path: without the demo's conv stem)."""
+    cfg = tiny_config("model.drop_path_rate=0.0", "model.conv_stem=0")
     whole = _step_gradients(cfg, tiny_batch(), 0)
     accumulated = _step_gradients(cfg, _halves(tiny_batch()), 0)
     assert whole.keys() == accumulated.keys() and whole
@@ -318,18 +321,25 @@ def test_coco_and_voc_configs_follow_their_official_scripts():
     assert load_config("demo").model.pretrained == "none"
 
 
-def test_the_seg_head_gets_sync_batchnorm_under_ddp_on_accelerators_only(tiny_config):
+def test_the_seg_head_and_the_conv_stem_get_sync_batchnorm_under_ddp_on_accelerators_only(tiny_config):
+    from timm.layers import SyncBatchNormAct
+
     from wsss.engine.distributed import DistContext
     from wsss.engine.trainer import use_sync_batchnorm
 
-    cfg = tiny_config()
+    cfg = tiny_config("model.conv_stem=8")
 
     def converted(world: int, device: str, enabled: bool = True) -> bool:
         network = build(cfg)[0]
         done = use_sync_batchnorm(network, DistContext(0, 0, world, torch.device(device)), enabled)
-        has_sync = any(isinstance(m, torch.nn.SyncBatchNorm) for m in network.seg_head.modules())
-        assert done == has_sync
-        return has_sync
+        head_sync = any(isinstance(m, torch.nn.SyncBatchNorm) for m in network.seg_head.modules())
+        stem = list(network.backbone.patch_embed1.proj.modules())
+        stem_sync = [m for m in stem if isinstance(m, torch.nn.SyncBatchNorm)]
+        assert done == head_sync == bool(stem_sync)
+        if stem_sync:  # the stem's BatchNorm + GELU stays one module with its activation
+            assert all(isinstance(m, SyncBatchNormAct) for m in stem_sync) and len(stem_sync) == 2
+        assert not any(type(m) is torch.nn.BatchNorm2d for m in network.modules()) or not done
+        return head_sync
 
     assert converted(2, "cuda")  # conversion itself needs no GPU
     assert not converted(1, "cuda") and not converted(2, "cpu") and not converted(2, "cuda", enabled=False)

@@ -88,7 +88,11 @@ def test_param_groups_cover_every_trainable_parameter_once_with_their_lr(freeze)
         assert by_name[name]["lr_mult"] == mult
         assert by_name[name]["lr"] == pytest.approx(1e-4 * mult)
         assert by_name[name]["weight_decay"] == cfg.train.weight_decay
-    norms = {id(p) for m in net.backbone.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    norm_types = (nn.LayerNorm, nn.BatchNorm2d)  # BatchNorm: the demo's conv stem (model.conv_stem)
+    norms = {id(p) for m in net.backbone.modules() if isinstance(m, norm_types) for p in m.parameters()}
+    stem_norms = {id(p) for m in net.backbone.patch_embed1.proj.modules() if isinstance(m, nn.BatchNorm2d)
+                  for p in m.parameters()}
+    assert stem_norms and stem_norms < norms
     assert {id(p) for p in by_name["backbone_norm"]["params"]} == norms
     heads = {id(p) for p in [*net.classifier.parameters(), *net.affinity_head.parameters()]}
     assert {id(p) for p in by_name["cam_afa_heads"]["params"]} == heads

@@ -117,7 +117,7 @@ class TrainConfig:
     # Official COCO script: from afa_label_iter on, the affinity labels also come from the AFA label
     # (random walk + PAR). The official VOC script keeps them on the PAR-refined CAM label (false).
     afa_label_for_affinity: bool = False
-    sync_bn: bool = True  # SyncBatchNorm in the seg head under DDP (official code)
+    sync_bn: bool = True  # SyncBatchNorm under DDP on accelerators: the seg head's (official code), a conv stem's
     # Dense-energy (CRF) regularisation loss on the seg output (Tang et al., ECCV 2018); the released AFA
     # code has it commented out (weight 0.01 there): 0 = off. Gaussian bilateral kernel at reg_scale of the
     # crop, limited to a (2 reg_radius + 1)^2 window (see docs/method.md).

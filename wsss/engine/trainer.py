@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.layers import convert_sync_batchnorm
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
@@ -451,12 +452,13 @@ def run_header(cfg: Config, ctx: du.DistContext, micro: int, accumulation: int, 
 
 
 def use_sync_batchnorm(network: nn.Module, ctx: du.DistContext, enabled: bool) -> bool:
-    """The seg head's BatchNorm -> SyncBatchNorm under DDP (statistics over every process's images, as the
-    official code's SyncBN head) -> whether it converted. Not on the CPU: PyTorch's SyncBatchNorm runs on
-    accelerators only, so CPU (gloo) runs keep per-process statistics."""
+    """Every BatchNorm -> SyncBatchNorm under DDP (statistics over every process's images): the seg head's, as
+    the official code's SyncBN head, and a conv stem's (``model.conv_stem``; MiT itself has none) ->
+    whether it converted. timm's converter keeps the stem's fused activation (BatchNormAct2d). Not on the
+    CPU: PyTorch's SyncBatchNorm runs on accelerators only, so CPU (gloo) runs keep per-process statistics."""
     if not (enabled and ctx.distributed and ctx.device.type != "cpu"):
         return False
-    network.seg_head = nn.SyncBatchNorm.convert_sync_batchnorm(network.seg_head)
+    convert_sync_batchnorm(network)  # in place below the root, which is no BatchNorm
     return True
 
 
