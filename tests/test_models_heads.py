@@ -32,9 +32,29 @@ def test_cam_classifier_gap_logits_are_the_mean_of_the_cams():
     torch.testing.assert_close(logits, cams.mean(dim=(2, 3)), atol=1e-6, rtol=1e-5)
 
 
-def test_cam_classifier_rejects_unknown_pooling():
+def test_cam_classifier_topk_pools_each_channels_largest_tokens_between_max_and_mean():
+    torch.manual_seed(0)
+    features = torch.randn(2, 16, 6, 7)  # 42 tokens
+    weight_from = CamClassifier(16, 5, "gmp")
+    logits = {}
+    for name, pooling, topk in (("max", "gmp", 0.25), ("mean", "gap", 0.25), ("one", "topk", 1 / 42),
+                                ("all", "topk", 1.0), ("quarter", "topk", 0.25)):
+        head = CamClassifier(16, 5, pooling, topk)
+        head.load_state_dict(weight_from.state_dict())
+        logits[name] = head(features)[0]
+    torch.testing.assert_close(logits["one"], logits["max"])
+    torch.testing.assert_close(logits["all"], logits["mean"], atol=1e-6, rtol=1e-5)
+    ranked = features.flatten(2).sort(dim=-1, descending=True).values[..., :10]  # round(0.25 * 42) = 10 tokens
+    expected = ranked.mean(dim=-1) @ weight_from.classifier.weight.flatten(1).T
+    torch.testing.assert_close(logits["quarter"], expected)
+
+
+def test_cam_classifier_rejects_unknown_pooling_and_a_topk_outside_the_tokens():
     with pytest.raises(ConfigError, match="model.cam_pooling"):
         CamClassifier(16, 5, "max")
+    for topk in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="model.cam_topk"):
+            CamClassifier(16, 5, "topk", topk)
 
 
 def test_segformer_head_gives_c_classes_at_stage1_resolution():

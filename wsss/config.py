@@ -83,7 +83,11 @@ class ModelConfig:
     # MiT only, from scratch only: the width of a convolutional stem (three 3x3 convs, mit.conv_stem) in place
     # of the first patch embedding's 7x7 stride-4 conv; 0 = the published patch embedding.
     conv_stem: int = 0
-    cam_pooling: Literal["gmp", "gap"] = "gmp"
+    # Image logits from the features: "gmp" (published), "gap", or "topk": the mean of each feature channel's
+    # largest cam_topk fraction of tokens. Not in the paper; on the gray demo variant topk is the one pooling
+    # with which PAR improved on the CAMs (README, "The demo dataset").
+    cam_pooling: Literal["gmp", "gap", "topk"] = "gmp"
+    cam_topk: float = 0.25
     seg_head: Literal["segformer", "mask_decoder"] = "segformer"
     # Feature pyramid between backbone and seg head. A plain ViT / DeiT gives four maps at its patch stride
     # (16), too coarse for thin structures; "vit" upsamples the first two to strides 4 and 8 with transposed

@@ -26,15 +26,21 @@ from wsss.models.attn_factors import AttnFactors
 class CamClassifier(nn.Module):
     """features [B, D, h, w] -> (logits [B, K], cams [B, K, h, w]).
 
-    ``pooling`` "gmp" (AFA: global max pooling of the features, then the classifier) or
-    "gap" (average). CAMs are raw (no ReLU, no normalisation).
+    ``pooling`` "gmp" (AFA: global max pooling of the features, then the classifier), "gap" (average) or
+    "topk" (the mean of each feature channel's largest ``topk`` fraction of tokens, at least one: between
+    the two). CAMs are raw (no ReLU, no normalisation).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, pooling: Literal["gmp", "gap"] = "gmp") -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, pooling: Literal["gmp", "gap", "topk"] = "gmp", topk: float = 0.25,
+    ) -> None:
         super().__init__()
-        if pooling not in ("gmp", "gap"):
-            raise ConfigError(f"model.cam_pooling must be 'gmp' or 'gap', got {pooling!r}")
+        if pooling not in ("gmp", "gap", "topk"):
+            raise ConfigError(f"model.cam_pooling must be 'gmp', 'gap' or 'topk', got {pooling!r}")
+        if not 0.0 < topk <= 1.0:
+            raise ConfigError(f"model.cam_topk must be a fraction of the tokens in (0, 1], got {topk}")
         self.pooling = pooling
+        self.topk = topk
         self.classifier = nn.Conv2d(in_channels, num_classes, 1, bias=False)
 
     def cam(self, features: Tensor) -> Tensor:
@@ -43,7 +49,14 @@ class CamClassifier(nn.Module):
 
     def logits(self, features: Tensor) -> Tensor:
         """features [B, D, h, w] -> image-level logits [B, K]."""
-        pooled = features.amax(dim=(2, 3)) if self.pooling == "gmp" else features.mean(dim=(2, 3))
+        if self.pooling == "gmp":
+            pooled = features.amax(dim=(2, 3))
+        elif self.pooling == "gap":
+            pooled = features.mean(dim=(2, 3))
+        else:
+            tokens = features.flatten(2)
+            k = max(1, round(self.topk * tokens.shape[-1]))
+            pooled = tokens.topk(k, dim=-1, sorted=False).values.mean(dim=-1)
         return F.linear(pooled, self.classifier.weight.flatten(1))
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:

@@ -86,14 +86,14 @@ class AFANetwork(nn.Module):
 
     def __init__(
         self, backbone: nn.Module, seg_head: nn.Module, num_classes: int, cam_pooling: str = "gmp",
-        attn_norm: str = "none", seg_pyramid: nn.Module | None = None,
+        attn_norm: str = "none", seg_pyramid: nn.Module | None = None, cam_topk: float = 0.25,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"the network needs at least 2 classes (background + 1), got {num_classes}")
         self.num_classes = num_classes
         self.backbone = backbone
-        self.classifier = CamClassifier(backbone.out_channels[-1], num_classes - 1, cam_pooling)
+        self.classifier = CamClassifier(backbone.out_channels[-1], num_classes - 1, cam_pooling, cam_topk)
         self.affinity_head = AffinityHead(backbone.attn_maps, attn_norm)
         self.attn_norm = self.affinity_head.attn_norm
         self.seg_head = seg_head
@@ -190,4 +190,4 @@ def build_network(cfg: Config, num_classes: int) -> AFANetwork:
     pyramid = build_seg_pyramid(cfg.model.seg_pyramid, backbone)
     in_channels = pyramid.out_channels if pyramid is not None else backbone.out_channels
     seg_head = build_seg_head(cfg, list(in_channels), num_classes)
-    return AFANetwork(backbone, seg_head, num_classes, cfg.model.cam_pooling, attn_norm, pyramid)
+    return AFANetwork(backbone, seg_head, num_classes, cfg.model.cam_pooling, attn_norm, pyramid, cfg.model.cam_topk)
