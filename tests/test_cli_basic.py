@@ -44,6 +44,12 @@ def test_eval_needs_exactly_one_source():
     assert "Traceback" not in out.stderr
 
 
+def test_eval_bg_thresholds_must_be_numbers():
+    out = run_cli("eval", "--checkpoint", "x.pt", "--target", "par", "--bg-thresholds", "0.1,low")
+    assert out.returncode == 2 and "--bg-thresholds takes comma-separated numbers" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def run_module(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """``python -m wsss ...`` in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "wsss", *args], capture_output=True, text=True, cwd=cwd)

@@ -119,6 +119,34 @@ def test_evaluate_checkpoint_afa_target(setup):
     assert 0 <= result["miou"] <= 100 and result["target"] == "afa"
 
 
+def test_bg_threshold_sweep_equals_one_evaluation_per_threshold(setup):
+    """One CAM pass, several background scores: each threshold's mIoU is what a separate evaluation with
+    cam.bg_threshold_eval at that value gives; the result is the best threshold's full table."""
+    _, ckpt, _, _ = setup
+    thresholds = [0.05, 0.3, 0.9]
+    for target in ("par", "cam"):
+        result = evaluate_checkpoint(ckpt, split="val", target=target, bg_thresholds=thresholds, overrides=FAST)
+        assert [row["bg_threshold"] for row in result["sweep"]] == thresholds
+        singles = [evaluate_checkpoint(ckpt, split="val", target=target,
+                                       overrides=[*FAST, f"cam.bg_threshold_eval={t}"]) for t in thresholds]
+        assert [row["miou"] for row in result["sweep"]] == pytest.approx([r["miou"] for r in singles])
+        best = max(range(len(thresholds)), key=lambda i: singles[i]["miou"])
+        assert result["bg_threshold"] == thresholds[best]
+        assert result["iou"] == pytest.approx(singles[best]["iou"], nan_ok=True)
+        ratios = [row["fg_ratio"] for row in result["sweep"]]
+        assert ratios[0] > ratios[-1] >= 0  # a higher background score leaves less foreground
+
+
+def test_bg_threshold_sweep_rejects_what_it_cannot_score(setup, tmp_path):
+    _, ckpt, _, _ = setup
+    with pytest.raises(WsssError, match="not for 'seg'"):
+        evaluate_checkpoint(ckpt, split="val", target="seg", bg_thresholds=[0.3], overrides=FAST)
+    with pytest.raises(WsssError, match="neither CRF nor a directory"):
+        evaluate_checkpoint(ckpt, split="val", target="par", bg_thresholds=[0.3], save_dir=tmp_path, overrides=FAST)
+    with pytest.raises(WsssError, match=r"must lie in \(0, 1\); got 1.5"):
+        evaluate_checkpoint(ckpt, split="val", target="par", bg_thresholds=[0.3, 1.5], overrides=FAST)
+
+
 def test_test_split_predictions_go_to_the_voc_server_layout(setup, tmp_path):
     root, ckpt, _, _ = setup
     data = tmp_path / "data"

@@ -227,18 +227,34 @@ def pseudolabel(
 # --------------------------------------------------------------------------- eval
 
 
+def _float_list(text: Optional[str], option: str) -> List[float]:
+    """"0.1,0.2" -> [0.1, 0.2]; None -> []."""
+    if text is None:
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise WsssError(f"{option} takes comma-separated numbers, e.g. 0.1,0.2,0.3; got '{text}'") from None
+    if not values:
+        raise WsssError(f"{option} takes comma-separated numbers, e.g. 0.1,0.2,0.3; got '{text}'")
+    return values
+
+
 @app.command("eval")
 def evaluate(
     pred: Optional[Path] = typer.Option(None, help="directory of label PNGs to score"),
     checkpoint: Optional[Path] = typer.Option(None, help="evaluate a checkpoint instead of a directory"),
     data_root: Optional[Path] = typer.Option(None, help="dataset root (required with --pred)"),
     split: str = typer.Option("val", help="dataset split"),
-    target: str = typer.Option("seg", help="with --checkpoint: seg | cam | afa"),
+    target: str = typer.Option("seg", help="with --checkpoint: seg | cam | par | afa"),
     msc: bool = typer.Option(False, help="with --checkpoint: multi-scale + flip test (eval.scales)"),
     crf: bool = typer.Option(False, help="with --checkpoint: DenseCRF post-processing"),
     save: Optional[Path] = typer.Option(None, help="with --checkpoint: write predictions here (VOC server layout for test)"),
     dataset: Optional[str] = typer.Option(None, help="with --pred: voc | coco | custom (default: guessed from the root)"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="also write the metrics as JSON"),
+    bg_thresholds: Optional[str] = typer.Option(
+        None, help="with --checkpoint and a CAM target: comma-separated background scores to sweep in place of "
+        "cam.bg_threshold_eval (e.g. 0.1,0.2,0.3,0.45); one CAM pass, the mIoU at each, the best one's table"),
     overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
     """mIoU (one accumulated confusion matrix, 255 ignored), per-class IoU and pixel accuracy."""
@@ -253,17 +269,21 @@ def evaluate(
             raise WsssError("--pred needs --data-root: the dataset whose masks are the ground truth")
         result = evaluate_prediction_dir(pred, data_root, split=split, dataset=dataset)
     else:
-        from wsss.engine.inference import evaluate_checkpoint
+        from wsss.engine.inference import EVAL_TARGETS, evaluate_checkpoint
 
-        if target not in ("seg", "cam", "afa"):
-            raise WsssError(f"--target must be one of seg, cam, afa; got '{target}'")
+        if target not in EVAL_TARGETS:
+            raise WsssError(f"--target must be one of {', '.join(EVAL_TARGETS)}; got '{target}'")
         result = evaluate_checkpoint(
             checkpoint, split=split, target=target, msc=msc, crf=crf, save_dir=save, data_root=data_root,
-            overrides=overrides or [],
+            overrides=overrides or [], bg_thresholds=_float_list(bg_thresholds, "--bg-thresholds"),
         )
     # None: e.g. the test split (predictions written, no ground truth); under torchrun only rank 0 reports.
     if result is None or int(os.environ.get("RANK", "0")) != 0:
         return
+    if "sweep" in result:
+        from wsss.engine.metrics import format_sweep
+
+        typer.echo(format_sweep(result))
     typer.echo(format_table(result))
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)

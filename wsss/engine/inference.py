@@ -11,7 +11,8 @@ during training (docs/method.md sec. 3, 5, 9 and 10):
 - :func:`generate_pseudo_labels`: label PNGs for a split (restartable, torchrun-sharded,
   optional DenseCRF in worker processes, optional mIoU of what was written).
 - :func:`evaluate_checkpoint`: the test protocol on a split (optionally writing the VOC
-  evaluation-server layout for the test split).
+  evaluation-server layout for the test split), or a sweep of the background threshold of
+  a CAM target (:func:`cam_labels_per_bg_threshold`: one CAM pass, a label per threshold).
 
 Everything runs under ``torch.inference_mode``; the forward passes under the precision rule
 of :func:`wsss.engine.runtime.autocast`, post-processing in float32. Split-level loops go
@@ -23,9 +24,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +47,12 @@ from wsss.engine.runtime import pseudo_label_params, unwrap
 from wsss.errors import DatasetError, WsssError
 from wsss.files import atomic_write
 from wsss.method.ops import resize, scaled_size
-from wsss.method.pseudo_labels import cam_maps, cam_probabilities
+from wsss.method.pseudo_labels import CamMaps, PseudoLabelParams, cam_maps, cam_probabilities
 
 logger = logging.getLogger(__name__)
 
 CAM_METHODS = ("cam", "par", "afa")
-EVAL_TARGETS = ("seg", "cam", "afa")
+EVAL_TARGETS = ("seg", *CAM_METHODS)
 VOC_SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
 
 
@@ -94,25 +96,16 @@ def predict_seg(
     return resize(best, out_size or size).softmax(dim=1)[0]
 
 
-def cam_probs(
+def _cam_pass(
     network: nn.Module,
     image: Tensor,
     label: Tensor,
     cfg: Config,
     methods: Sequence[str],
-    msc: bool = True,
-    out_size: Sequence[int] | None = None,
-    affinity_scale: float | None = None,
-) -> dict[str, Tensor]:
-    """One multi-scale CAM pass, several outputs: method -> probs [C, H0, W0] float32.
-
-    image [1, 3, h, w] normalized with ``data.mean`` / ``data.std``; label [K] or [1, K] image-level
-    multi-hot labels (absent classes get probability 0); H0 x W0 = ``out_size`` (default h x w).
-    CAMs: ``cam.scales`` with ``cam.flip`` when ``msc``, else scale 1 without flip; methods:
-    ``wsss.method.pseudo_labels.PROB_OUTPUTS`` ("cam", "par", "afa", and "rw": validation's AFA row).
-    ``affinity_scale``: the CAM scale whose affinity the random walk uses (default:
-    ``afa.affinity_scale`` with msc, else 1).
-    """
+    msc: bool,
+    affinity_scale: float | None,
+) -> tuple[CamMaps, Tensor, PseudoLabelParams]:
+    """The network part of :func:`cam_probs`: (CAM maps, the image in [0, 1], the pipeline's params)."""
     unknown = [m for m in methods if m not in (*CAM_METHODS, "rw")]
     if unknown:
         raise WsssError(f"CAM method must be one of {', '.join(CAM_METHODS)}; got '{unknown[0]}'")
@@ -133,9 +126,57 @@ def cam_probs(
     maps = cam_maps(cam_fn, image, label, params, affinity_scale, msc=msc)
     if affinity_scale is not None and maps.affinity is None:
         raise WsssError("the network returned no affinity; method 'afa' needs the AFA affinity head")
-    images01 = denormalize(image.float(), cfg.data.mean, cfg.data.std)
+    return maps, denormalize(image.float(), cfg.data.mean, cfg.data.std), params
+
+
+def cam_probs(
+    network: nn.Module,
+    image: Tensor,
+    label: Tensor,
+    cfg: Config,
+    methods: Sequence[str],
+    msc: bool = True,
+    out_size: Sequence[int] | None = None,
+    affinity_scale: float | None = None,
+) -> dict[str, Tensor]:
+    """One multi-scale CAM pass, several outputs: method -> probs [C, H0, W0] float32.
+
+    image [1, 3, h, w] normalized with ``data.mean`` / ``data.std``; label [K] or [1, K] image-level
+    multi-hot labels (absent classes get probability 0); H0 x W0 = ``out_size`` (default h x w).
+    CAMs: ``cam.scales`` with ``cam.flip`` when ``msc``, else scale 1 without flip; methods:
+    ``wsss.method.pseudo_labels.PROB_OUTPUTS`` ("cam", "par", "afa", and "rw": validation's AFA row).
+    ``affinity_scale``: the CAM scale whose affinity the random walk uses (default:
+    ``afa.affinity_scale`` with msc, else 1).
+    """
+    maps, images01, params = _cam_pass(network, image, label, cfg, methods, msc, affinity_scale)
     probs = cam_probabilities(images01, maps, params, methods, tuple(out_size or image.shape[-2:]))
     return {m: p[0] for m, p in probs.items()}
+
+
+@torch.inference_mode()
+def cam_labels_per_bg_threshold(
+    network: nn.Module,
+    image: Tensor,
+    label: Tensor,
+    cfg: Config,
+    method: str,
+    bg_thresholds: Sequence[float],
+    msc: bool = True,
+    out_size: Sequence[int] | None = None,
+) -> Tensor:
+    """One multi-scale CAM pass, the label of ``method`` ("cam" | "par" | "afa") at each background
+    score of ``bg_thresholds`` (in place of ``cam.bg_threshold_eval``) -> long [T, H0, W0].
+
+    What :func:`evaluate_checkpoint` sweeps: the network runs once, only the background score,
+    PAR and the random walk are repeated per threshold. Arguments as :func:`cam_probs`.
+    """
+    if method not in CAM_METHODS:
+        raise WsssError(f"method must be one of {', '.join(CAM_METHODS)}; got '{method}'")
+    maps, images01, params = _cam_pass(network, image, label, cfg, [method], msc, None)
+    size = tuple(out_size or image.shape[-2:])
+    labels = [cam_probabilities(images01, maps, replace(params, bg_eval=float(t)), [method], size)[method][0]
+              .max(dim=0).indices for t in bg_thresholds]  # max(...).indices: = argmax, faster on CPU
+    return torch.stack(labels)
 
 
 @torch.inference_mode()
@@ -380,10 +421,11 @@ def generate_pseudo_labels(
 # --------------------------------------------------------------------------- checkpoint evaluation
 
 
-def _eval_predict_fn(network: nn.Module, cfg: Config, target: str, msc: bool,
-                     device: torch.device) -> Callable[[dict[str, Any]], Tensor]:
+def _eval_predict_fn(network: nn.Module, cfg: Config, target: str, msc: bool, device: torch.device,
+                     bg_thresholds: Sequence[float] = ()) -> Callable[[dict[str, Any]], Tensor]:
     """item -> probs [C, H0, W0] at the original size: the seg head (``eval.scales`` + flip with msc) or the
-    CAM probabilities of ``target`` with the item's GT image labels."""
+    CAM probabilities of ``target`` with the item's GT image labels; with ``bg_thresholds``: the labels of
+    ``target`` at each of them, long [T, H0, W0]."""
 
     def predict(item: dict[str, Any]) -> Tensor:
         image = item["image"][None].to(device, non_blocking=True)
@@ -391,9 +433,43 @@ def _eval_predict_fn(network: nn.Module, cfg: Config, target: str, msc: bool,
         if target == "seg":
             scales = cfg.eval.scales if msc else [1.0]
             return predict_seg(network, image, scales, flip=cfg.eval.flip and msc, out_size=out_size)
-        return predict_cam_probs(network, image, item["label"].to(device), cfg, target, msc, out_size)
+        label = item["label"].to(device)
+        if bg_thresholds:
+            return cam_labels_per_bg_threshold(network, image, label, cfg, target, bg_thresholds, msc, out_size)
+        return predict_cam_probs(network, image, label, cfg, target, msc, out_size)
 
     return predict
+
+
+def _check_bg_thresholds(bg_thresholds: Sequence[float], target: str, crf: bool, save_dir: Any) -> None:
+    if not bg_thresholds:
+        return
+    if target == "seg":
+        raise WsssError("background thresholds are swept for a CAM target (cam, par, afa), not for 'seg': the seg "
+                        "head predicts its own background")
+    if crf or save_dir is not None:
+        raise WsssError("a background-threshold sweep scores one prediction per threshold; it takes neither "
+                        "CRF nor a directory to save to (run again with the chosen cam.bg_threshold_eval for those)")
+    bad = [t for t in bg_thresholds if not 0 < t < 1]
+    if bad:
+        raise WsssError(f"background thresholds must lie in (0, 1); got {bad[0]}")
+
+
+def _sweep_result(cms: Sequence[ConfusionMatrix], bg_thresholds: Sequence[float]) -> dict[str, Any]:
+    """Confusion matrices, one per background threshold -> the best one's ``compute()`` dict plus
+    ``bg_threshold`` (the best) and ``sweep``: per threshold its mIoU and ``fg_ratio`` (predicted /
+    true foreground pixels, class 0 = background: below 1 the labels under-cover the objects)."""
+    rows = []
+    for cm, t in zip(cms, bg_thresholds):
+        matrix = cm.matrix
+        true_fg = int(matrix[1:].sum())
+        rows.append({"bg_threshold": float(t), **cm.compute(),
+                     "fg_ratio": int(matrix[:, 1:].sum()) / true_fg if true_fg else math.nan})
+    best = max(rows, key=lambda r: r["miou"] if math.isfinite(r["miou"]) else -math.inf)
+    result = {k: v for k, v in best.items() if k != "fg_ratio"}
+    result["sweep"] = [{"bg_threshold": r["bg_threshold"], "miou": r["miou"], "fg_ratio": r["fg_ratio"]}
+                       for r in rows]
+    return result
 
 
 def evaluate_checkpoint(
@@ -405,11 +481,12 @@ def evaluate_checkpoint(
     save_dir: str | Path | None = None,
     data_root: str | Path | None = None,
     overrides: Sequence[str] = (),
+    bg_thresholds: Sequence[float] = (),
 ) -> dict[str, Any] | None:
     """Score a checkpoint on ``split`` with the test protocol (docs/method.md sec. 10).
 
     Images are resized so the long side is ``eval.long_side``. target "seg": seg head,
-    with ``eval.scales`` + flip when ``msc`` (else one scale, no flip); "cam" / "afa":
+    with ``eval.scales`` + flip when ``msc`` (else one scale, no flip); "cam" / "par" / "afa":
     :func:`predict_cam_probs` (``cam.scales`` + flip when ``msc``) with the GT image labels.
     Probabilities are resized to the original size; ``crf``: DenseCRF (``eval.crf_*``).
     -> ``ConfusionMatrix.compute()`` dict plus ``num_images``, ``split``, ``target``, ``msc``,
@@ -417,11 +494,16 @@ def evaluate_checkpoint(
     ``save_dir``: also write the predicted label PNGs there; for a split without masks
     (VOC ``test``) they go to the evaluation-server layout
     ``<save_dir>/results/VOC2012/Segmentation/comp6_test_cls/<name>.png`` and None is returned.
+    ``bg_thresholds`` (a CAM target, no crf / save_dir): score the labels at each of these background
+    scores in place of ``cam.bg_threshold_eval``, from one network pass per image; the result is the
+    best threshold's, with ``bg_threshold`` and ``sweep`` (:func:`_sweep_result`) added.
     """
     from wsss.data.datasets import build_dataset
 
     if target not in EVAL_TARGETS:
         raise WsssError(f"target must be one of {', '.join(EVAL_TARGETS)}; got '{target}'")
+    bg_thresholds = tuple(float(t) for t in bg_thresholds)
+    _check_bg_thresholds(bg_thresholds, target, crf, save_dir)
     network, cfg, _ = load_for_inference(checkpoint, overrides, data_root)
     with joined(cfg.train.device) as ctx:
         device = ctx.device
@@ -438,21 +520,30 @@ def evaluate_checkpoint(
             save = Path(save_dir) / VOC_SERVER_DIR if not has_gt else Path(save_dir)
             save.mkdir(parents=True, exist_ok=True)
         indices = list(range(ctx.rank, len(dataset), ctx.world_size))
-        cm = ConfusionMatrix(dataset.num_classes, device=device, class_names=dataset.class_names)
+        cms = [ConfusionMatrix(dataset.num_classes, device=device, class_names=dataset.class_names)
+               for _ in bg_thresholds or (None,)]
         start = time.perf_counter()
         with crf_pool(cfg, crf) as pool:
-            outputs = run_over_split(dataset, indices, _eval_predict_fn(network, cfg, target, msc, device), device,
-                                     cfg.train.precision, pool, cfg.data.num_workers)
+            predict = _eval_predict_fn(network, cfg, target, msc, device, bg_thresholds)
+            outputs = run_over_split(dataset, indices, predict, device, cfg.train.precision, pool,
+                                     cfg.data.num_workers)
             desc = f"eval {target}{' msc' if msc else ''}{' crf' if crf else ''}"
+            if bg_thresholds:
+                desc += f", {len(bg_thresholds)} bg thresholds"
             for item, probs in tqdm(outputs, total=len(indices), desc=desc, disable=ctx.rank != 0, unit="img"):
+                if bg_thresholds:
+                    mask = item["mask"].to(device)
+                    for cm, label in zip(cms, probs):
+                        cm.update(label, mask)
+                    continue
                 if isinstance(probs, Tensor) and save is None:
-                    cm.update(probs.max(dim=0).indices, item["mask"].to(device))  # = argmax, on the device
+                    cms[0].update(probs.max(dim=0).indices, item["mask"].to(device))  # = argmax, on the device
                     continue
                 label = to_label(probs)
                 if save is not None:
                     save_label(save / f"{item['name']}.png", label)
                 if has_gt:
-                    cm.update(label, item["mask"].numpy())
+                    cms[0].update(label, item["mask"].numpy())
         barrier()
         if ctx.rank == 0:
             where = f"; predictions in {save}" if save is not None else ""
@@ -460,12 +551,14 @@ def evaluate_checkpoint(
                         time.perf_counter() - start, where)
         if not has_gt:
             return None
-        result = cm.reduce_().compute()
+        for cm in cms:
+            cm.reduce_()
+        result = _sweep_result(cms, bg_thresholds) if bg_thresholds else cms[0].compute()
         result.update({"num_images": len(dataset), "split": split, "target": target, "msc": msc, "crf": crf})
         return result
 
 
 __all__ = [
-    "cam_probs", "default_pseudo_label_dir", "evaluate_checkpoint", "generate_pseudo_labels", "predict_cam_probs",
-    "predict_seg", "validate",
+    "cam_labels_per_bg_threshold", "cam_probs", "default_pseudo_label_dir", "evaluate_checkpoint",
+    "generate_pseudo_labels", "predict_cam_probs", "predict_seg", "validate",
 ]

@@ -203,6 +203,17 @@ def format_table(result: dict[str, Any], class_names: Sequence[str] | None = Non
     return "\n".join(lines)
 
 
+def format_sweep(result: dict[str, Any]) -> str:
+    """The background-threshold sweep of ``evaluate_checkpoint(..., bg_thresholds=...)`` as plain text:
+    per threshold its mIoU and predicted / true foreground, the best one marked."""
+    lines = [f"{'bg threshold':>12}{'mIoU':>8}{'fg pred/true':>14}"]
+    for row in result["sweep"]:
+        best = "  <- best" if row["bg_threshold"] == result["bg_threshold"] else ""
+        lines.append(f"{row['bg_threshold']:>12.3g}{_fmt(row['miou']):>8}{_fmt(row['fg_ratio']):>14}{best}")
+    lines.append("(set cam.bg_threshold_eval to the best; the training pair cam.bg_threshold_high / _low around it)")
+    return "\n".join(lines)
+
+
 def to_json(result: Any, indent: int | None = 2) -> str:
     """``result`` as JSON text, non-finite floats (the IoU of an absent class) written as null
     (``indent`` None: one line)."""
@@ -219,4 +230,4 @@ def to_json(result: Any, indent: int | None = 2) -> str:
     return json.dumps(clean(result), indent=indent, allow_nan=False)
 
 
-__all__ = ["ConfusionMatrix", "format_table", "to_json"]
+__all__ = ["ConfusionMatrix", "format_sweep", "format_table", "to_json"]
