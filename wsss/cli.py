@@ -247,7 +247,8 @@ def evaluate(
     data_root: Optional[Path] = typer.Option(None, help="dataset root (required with --pred)"),
     split: str = typer.Option("val", help="dataset split"),
     target: str = typer.Option("seg", help="with --checkpoint: seg | cam | par | afa"),
-    msc: bool = typer.Option(False, help="with --checkpoint: multi-scale + flip test (eval.scales)"),
+    msc: bool = typer.Option(False, help="with --checkpoint: multi-scale + flip (eval.scales; cam.scales for a CAM "
+                             "target)"),
     crf: bool = typer.Option(False, help="with --checkpoint: DenseCRF post-processing"),
     save: Optional[Path] = typer.Option(None, help="with --checkpoint: write predictions here (VOC server layout for test)"),
     dataset: Optional[str] = typer.Option(None, help="with --pred: voc | coco | custom (default: guessed from the root)"),
