@@ -234,7 +234,7 @@ def _float_list(text: Optional[str], option: str) -> List[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise WsssError(f"{option} takes comma-separated numbers, e.g. 0.1,0.2,0.3; got '{text}'") from None
+        values = []
     if not values:
         raise WsssError(f"{option} takes comma-separated numbers, e.g. 0.1,0.2,0.3; got '{text}'")
     return values

@@ -46,6 +46,7 @@ from wsss.engine.runner import (
 from wsss.engine.runtime import pseudo_label_params, unwrap
 from wsss.errors import DatasetError, WsssError
 from wsss.files import atomic_write
+from wsss.method.cam import scaled_par_kernel
 from wsss.method.ops import resize, scaled_size
 from wsss.method.pseudo_labels import CamMaps, PseudoLabelParams, cam_maps, cam_probabilities
 
@@ -167,14 +168,18 @@ def cam_labels_per_bg_threshold(
     """One multi-scale CAM pass, the label of ``method`` ("cam" | "par" | "afa") at each background
     score of ``bg_thresholds`` (in place of ``cam.bg_threshold_eval``) -> long [T, H0, W0].
 
-    What :func:`evaluate_checkpoint` sweeps: the network runs once, only the background score,
-    PAR and the random walk are repeated per threshold. Arguments as :func:`cam_probs`.
+    What :func:`evaluate_checkpoint` sweeps: the network and the PAR kernel run once, only the
+    background score, PAR and the random walk are repeated per threshold. Arguments as :func:`cam_probs`.
     """
     if method not in CAM_METHODS:
         raise WsssError(f"method must be one of {', '.join(CAM_METHODS)}; got '{method}'")
     maps, images01, params = _cam_pass(network, image, label, cfg, [method], msc, None)
     size = tuple(out_size or image.shape[-2:])
-    labels = [cam_probabilities(images01, maps, replace(params, bg_eval=float(t)), [method], size)[method][0]
+    kernel = None
+    if method != "cam":
+        with torch.autocast(image.device.type, enabled=False):  # float32, as cam_probabilities would make it
+            kernel = scaled_par_kernel(images01, params.par)
+    labels = [cam_probabilities(images01, maps, replace(params, bg_eval=float(t)), [method], size, kernel)[method][0]
               .max(dim=0).indices for t in bg_thresholds]  # max(...).indices: = argmax, faster on CPU
     return torch.stack(labels)
 
@@ -472,6 +477,25 @@ def _sweep_result(cms: Sequence[ConfusionMatrix], bg_thresholds: Sequence[float]
     return result
 
 
+def _score_item(item: dict[str, Any], output: Any, cms: Sequence[ConfusionMatrix], sweep: bool, save: Path | None,
+                has_gt: bool, device: torch.device) -> None:
+    """One image of :func:`evaluate_checkpoint` into its confusion matrices (and its label PNG into ``save``):
+    ``output`` is a label per threshold [T, H0, W0] in a sweep (one matrix each), else probabilities."""
+    if sweep:
+        mask = item["mask"].to(device)
+        for cm, label in zip(cms, output):
+            cm.update(label, mask)
+        return
+    if isinstance(output, Tensor) and save is None:
+        cms[0].update(output.max(dim=0).indices, item["mask"].to(device))  # = argmax, on the device
+        return
+    label = to_label(output)
+    if save is not None:
+        save_label(save / f"{item['name']}.png", label)
+    if has_gt:
+        cms[0].update(label, item["mask"].numpy())
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     split: str = "val",
@@ -530,20 +554,8 @@ def evaluate_checkpoint(
             desc = f"eval {target}{' msc' if msc else ''}{' crf' if crf else ''}"
             if bg_thresholds:
                 desc += f", {len(bg_thresholds)} bg thresholds"
-            for item, probs in tqdm(outputs, total=len(indices), desc=desc, disable=ctx.rank != 0, unit="img"):
-                if bg_thresholds:
-                    mask = item["mask"].to(device)
-                    for cm, label in zip(cms, probs):
-                        cm.update(label, mask)
-                    continue
-                if isinstance(probs, Tensor) and save is None:
-                    cms[0].update(probs.max(dim=0).indices, item["mask"].to(device))  # = argmax, on the device
-                    continue
-                label = to_label(probs)
-                if save is not None:
-                    save_label(save / f"{item['name']}.png", label)
-                if has_gt:
-                    cms[0].update(label, item["mask"].numpy())
+            for item, output in tqdm(outputs, total=len(indices), desc=desc, disable=ctx.rank != 0, unit="img"):
+                _score_item(item, output, cms, bool(bg_thresholds), save, has_gt, device)
         barrier()
         if ctx.rank == 0:
             where = f"; predictions in {save}" if save is not None else ""

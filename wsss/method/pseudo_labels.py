@@ -190,6 +190,7 @@ def cam_probabilities(
     params: PseudoLabelParams,
     outputs: Sequence[str],
     out_size: Sequence[int],
+    kernel: ParKernel | None = None,
 ) -> dict[str, Tensor]:
     """Class probabilities from the CAMs, for evaluation and pseudo-label files (docs/method.md sec. 9).
 
@@ -200,6 +201,8 @@ def cam_probabilities(
     - "par": softmax over background (``bg_eval``) + present classes at ``par.scale``, PAR;
     - "afa": the random walk of the CAMs (background ``bg_eval``) on the affinity's grid, PAR;
     - "rw": the random walk with background ``rw_bg_eval``, no PAR.
+
+    ``kernel``: ``scaled_par_kernel(images01, params.par)`` (float32) when the caller already has it.
     """
     unknown = [o for o in outputs if o not in PROB_OUTPUTS]
     if unknown:
@@ -207,11 +210,11 @@ def cam_probabilities(
     if maps.affinity is None and ("afa" in outputs or "rw" in outputs):
         raise ValueError("outputs 'afa' / 'rw' need CAM maps with an affinity")
     with _float32(images01):
-        return _cam_probabilities(images01, maps, params, outputs, out_size)
+        return _cam_probabilities(images01, maps, params, outputs, out_size, kernel)
 
 
 def _cam_probabilities(images01: Tensor, maps: CamMaps, params: PseudoLabelParams, outputs: Sequence[str],
-                       out_size: Sequence[int]) -> dict[str, Tensor]:
+                       out_size: Sequence[int], kernel: ParKernel | None) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
 
     def walk(bg_score: float) -> Tensor:
@@ -223,7 +226,8 @@ def _cam_probabilities(images01: Tensor, maps: CamMaps, params: PseudoLabelParam
     if "rw" in outputs:
         out["rw"] = _normalize(walk(params.rw_bg_eval), out_size)
     if "par" in outputs or "afa" in outputs:
-        kernel: ParKernel = scaled_par_kernel(images01, params.par)  # once for par and afa
+        if kernel is None:
+            kernel = scaled_par_kernel(images01, params.par)  # once for par and afa
         if "par" in outputs:
             probs = cams_with_background(resize(maps.cams, kernel.size), maps.labels, [params.bg_eval])[:, 0]
             out["par"] = _normalize(refine_probs(probs, kernel, params.par.iterations), out_size)
