@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num-train must be positive, got {args.num_train}")
     if args.rescore is not None and not args.rescore.is_file():
         parser.error(f"--rescore: no report at {args.rescore}")
+    if args.rescore is not None and (args.overrides or args.num_train is not None):
+        parser.error("--rescore trains nothing: --iterations, --num-train and config overrides do not apply")
     if args.crf:  # pydensecrf2 missing: one line now, not after an hour of training
         from wsss.engine.crf import require_crf
         from wsss.errors import WsssError
@@ -330,11 +332,16 @@ def _finite(value: Any) -> Any:
 def rescore(args: argparse.Namespace) -> dict[str, Any]:
     """--rescore: the 2+-class scores of an earlier report's finished runs again (``--crf``: with CRF too),
     its table reprinted, the report written to ``args.json``; nothing trained."""
+    from wsss.errors import WsssError
+
     report = json.loads(args.rescore.read_text())
     for name, v in report["variants"].items():
         if "result" in v:
             print(f"{name}: scoring {v['result']['checkpoint']} ...", flush=True)
-            v["multi_object"] = multi_object_mious(v, Path(v["data_dir"]), crf=args.crf)
+            try:
+                v["multi_object"] = multi_object_mious(v, Path(v["data_dir"]), crf=args.crf)
+            except (WsssError, OSError) as error:  # a run or its data moved / deleted since
+                sys.exit(f"quality.py --rescore: {name}: {error}")
     report["json"] = str(args.json)
     report["table"] = format_table(report)
     print(report["table"], flush=True)
