@@ -169,14 +169,15 @@ def multi_object_mious(entry: dict[str, Any], data_dir: Path, crf: bool = False)
             preds = {"seg": model.predict(images, crf=False)}
             if crf:
                 preds["seg_crf"] = model.predict(images, crf=True)
-        multi = [len(np.unique(m[(m != 0) & (m != IGNORE_VALUE)])) >= 2 for m in masks]
+        foregrounds = [(m != 0) & (m != IGNORE_VALUE) for m in masks]
+        present = [np.unique(m[f]) for m, f in zip(masks, foregrounds)]
+        multi = [len(p) >= 2 for p in present]
         rng = np.random.default_rng(BASELINE_SEED)
         chance = ConfusionMatrix(num_classes, ignore_index=IGNORE_VALUE)
-        for mask, is_multi in zip(masks, multi):
+        for mask, foreground, classes, is_multi in zip(masks, foregrounds, present, multi):
             if is_multi:
-                foreground = (mask != 0) & (mask != IGNORE_VALUE)
                 baseline = np.zeros_like(mask)
-                baseline[foreground] = rng.choice(np.unique(mask[foreground]))
+                baseline[foreground] = rng.choice(classes)
                 chance.update(baseline, mask)
         out[key] = {"fg_rnd": chance.compute()["miou"], "images": sum(multi)}
         for name, labels in preds.items():
@@ -318,20 +319,10 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _finite(value: Any) -> Any:
-    """NaN / inf -> None, recursively (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def rescore(args: argparse.Namespace) -> dict[str, Any]:
     """--rescore: the 2+-class scores of an earlier report's finished runs again (``--crf``: with CRF too),
     its table reprinted, the report written to ``args.json``; nothing trained."""
+    from wsss.engine.metrics import to_json
     from wsss.errors import WsssError
 
     report = json.loads(args.rescore.read_text())
@@ -345,7 +336,7 @@ def rescore(args: argparse.Namespace) -> dict[str, Any]:
     report["json"] = str(args.json)
     report["table"] = format_table(report)
     print(report["table"], flush=True)
-    args.json.write_text(json.dumps(_finite(report), indent=1))
+    args.json.write_text(to_json(report, indent=1))
     return report
 
 
@@ -354,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.rescore is not None:
         return rescore(args)
     from wsss.data.demo import build_demo_dataset, demo_variant
+    from wsss.engine.metrics import to_json
 
     out = args.out
     report: dict[str, Any] = {"command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
@@ -388,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["table"] = text
     print(text, flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(_finite(report), indent=1))
+    args.json.write_text(to_json(report, indent=1))
     return report
 
 
