@@ -46,9 +46,8 @@ from wsss.engine.runner import (
 from wsss.engine.runtime import pseudo_label_params, unwrap
 from wsss.errors import DatasetError, WsssError
 from wsss.files import atomic_write
-from wsss.method.cam import scaled_par_kernel
 from wsss.method.ops import resize, scaled_size
-from wsss.method.pseudo_labels import CamMaps, PseudoLabelParams, cam_maps, cam_probabilities
+from wsss.method.pseudo_labels import CamMaps, PseudoLabelParams, cam_maps, cam_probabilities, eval_par_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -175,10 +174,7 @@ def cam_labels_per_bg_threshold(
         raise WsssError(f"method must be one of {', '.join(CAM_METHODS)}; got '{method}'")
     maps, images01, params = _cam_pass(network, image, label, cfg, [method], msc, None)
     size = tuple(out_size or image.shape[-2:])
-    kernel = None
-    if method != "cam":
-        with torch.autocast(image.device.type, enabled=False):  # float32, as cam_probabilities would make it
-            kernel = scaled_par_kernel(images01, params.par)
+    kernel = eval_par_kernel(images01, params) if method != "cam" else None
     labels = [cam_probabilities(images01, maps, replace(params, bg_eval=float(t)), [method], size, kernel)[method][0]
               .max(dim=0).indices for t in bg_thresholds]  # max(...).indices: = argmax, faster on CPU
     return torch.stack(labels)

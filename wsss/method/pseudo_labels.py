@@ -202,7 +202,8 @@ def cam_probabilities(
     - "afa": the random walk of the CAMs (background ``bg_eval``) on the affinity's grid, PAR;
     - "rw": the random walk with background ``rw_bg_eval``, no PAR.
 
-    ``kernel``: ``scaled_par_kernel(images01, params.par)`` (float32) when the caller already has it.
+    ``kernel``: :func:`eval_par_kernel` of these images when the caller already has it (it depends on the
+    images and ``params.par`` only, so one serves several ``bg_eval``).
     """
     unknown = [o for o in outputs if o not in PROB_OUTPUTS]
     if unknown:
@@ -211,6 +212,12 @@ def cam_probabilities(
         raise ValueError("outputs 'afa' / 'rw' need CAM maps with an affinity")
     with _float32(images01):
         return _cam_probabilities(images01, maps, params, outputs, out_size, kernel)
+
+
+def eval_par_kernel(images01: Tensor, params: PseudoLabelParams) -> ParKernel:
+    """The PAR kernel :func:`cam_probabilities` refines with, in float32 as it makes it."""
+    with _float32(images01):
+        return scaled_par_kernel(images01, params.par)
 
 
 def _cam_probabilities(images01: Tensor, maps: CamMaps, params: PseudoLabelParams, outputs: Sequence[str],
@@ -237,6 +244,6 @@ def _cam_probabilities(images01: Tensor, maps: CamMaps, params: PseudoLabelParam
 
 
 __all__ = [
-    "PROB_OUTPUTS", "CamMaps", "PseudoLabelParams", "PseudoLabels", "cam_maps", "cam_probabilities", "present_classes",
-    "pseudo_labels", "to_class_ids",
+    "PROB_OUTPUTS", "CamMaps", "PseudoLabelParams", "PseudoLabels", "cam_maps", "cam_probabilities", "eval_par_kernel",
+    "present_classes", "pseudo_labels", "to_class_ids",
 ]
