@@ -15,7 +15,8 @@ from typing import List, Optional
 import typer
 
 from wsss.config import load_config
-from wsss.data.demo import DemoOptions  # cheap: the generator loads NumPy, Pillow, SciPy on first use
+from wsss.data.demo import DemoOptions  # cheap: the generators load NumPy, Pillow, SciPy on first use
+from wsss.data.shapes import ShapesOptions
 from wsss.errors import WsssError
 
 app = typer.Typer(
@@ -130,6 +131,39 @@ def data_demo(
         texture=texture, random_colours=random_colours, grayscale=grayscale,
     )
     typer.echo(f"demo dataset written to {path}")
+
+
+_SHAPES = ShapesOptions()
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Path = typer.Argument(..., help="output directory (custom VOC layout)"),
+    seed: int = typer.Option(_SHAPES.seed, help="random seed; the same seed gives the same dataset"),
+    num_classes: int = typer.Option(_SHAPES.num_classes, help="number of shape classes (1-10)"),
+    image_size: int = typer.Option(_SHAPES.image_size, help="image side in pixels"),
+    num_train: int = typer.Option(_SHAPES.num_train, help="training images"),
+    num_val: int = typer.Option(_SHAPES.num_val, help="validation images"),
+    min_objects: int = typer.Option(_SHAPES.objects_per_image[0], help="fewest shapes per image"),
+    max_objects: int = typer.Option(_SHAPES.objects_per_image[1], help="most shapes per image"),
+    min_object_size: float = typer.Option(_SHAPES.object_size[0], help="smallest shape side / image side"),
+    max_object_size: float = typer.Option(_SHAPES.object_size[1], help="largest shape side / image side"),
+    fills: str = typer.Option(",".join(_SHAPES.fills), help="fill kinds, comma-separated: flat, texture, photo"),
+    background: str = typer.Option(_SHAPES.background, help="photo | noise | mixed"),
+    occlusion: float = typer.Option(_SHAPES.occlusion, help="probability that a shape may hide part of others"),
+    val_novel_fraction: float = typer.Option(
+        _SHAPES.val_novel_fraction, help="share of val images drawn with geometry never seen in train"),
+) -> None:
+    """Build the shapes dataset: random polygons, stars, rings, crosses, ... on photos (shares nothing with demo)."""
+    from wsss.data.shapes import build_shapes_dataset
+
+    path = build_shapes_dataset(
+        out, seed=seed, num_classes=num_classes, image_size=image_size, num_train=num_train, num_val=num_val,
+        objects_per_image=(min_objects, max_objects), object_size=(min_object_size, max_object_size),
+        fills=tuple(f.strip() for f in fills.split(",") if f.strip()), background=background, occlusion=occlusion,
+        val_novel_fraction=val_novel_fraction,
+    )
+    typer.echo(f"shapes dataset written to {path}")
 
 
 @data_app.command("coco-masks")
