@@ -342,7 +342,8 @@ class Segmenter:
         return predicted_classes(logits[0].float())
 
     def _probs(self, item: dict[str, Any], target: str, msc: bool, seg_flip: bool, cam_cfg: Any) -> Tensor:
-        """One prepared item -> probs [C, H0, W0] float32 on the device (``item["labels"]`` set for cam / afa)."""
+        """One prepared item -> probs [C, H0, W0] float32 on the device; for cam / afa also ``item["image_labels"]``,
+        the predicted multi-hot [K] on the device. Reads nothing back from the device (:meth:`_prediction` does)."""
         from wsss.engine.inference import predict_cam_probs, predict_seg
         from wsss.engine.runtime import autocast
 
@@ -353,8 +354,7 @@ class Segmenter:
             if target == "seg":
                 scales = cfg.eval.scales if msc else [1.0]
                 return predict_seg(self.network, x, scales, flip=seg_flip, out_size=out_size)
-            labels = self._image_labels(x)
-            item["classes"] = [int(k) + 1 for k in torch.nonzero(labels).flatten().tolist()]
+            labels = item["image_labels"] = self._image_labels(x)
             return predict_cam_probs(self.network, x, labels, replace(cfg, cam=cam_cfg), target, msc, out_size)
 
     def _prediction(self, item: dict[str, Any], images: Sequence[ImageInput], probs: Tensor | np.ndarray,
@@ -368,8 +368,9 @@ class Segmenter:
         array = None
         if with_probs:
             array = probs.float().cpu().numpy() if isinstance(probs, Tensor) else np.asarray(probs, np.float32)
-        return Prediction(index, name, label=to_label(probs), probs=array, image=item["raw"],
-                          classes=item.get("classes"))
+        labels = item.get("image_labels")  # cam / afa: the predicted classes, 1..K
+        classes = [int(k) + 1 for k in torch.nonzero(labels).flatten().tolist()] if labels is not None else None
+        return Prediction(index, name, label=to_label(probs), probs=array, image=item["raw"], classes=classes)
 
 
 # --------------------------------------------------------------------------- loading a model

@@ -280,8 +280,8 @@ def render_panel(maps: ImageMaps, title: str = "", tile_size: int = TILE_SIZE) -
 def predicted_classes(cls_logits: Tensor, threshold: float = 0.5) -> Tensor:
     """cls_logits [K] -> multi-hot float [K]: sigmoid > threshold, and at least the top class."""
     labels = (cls_logits.sigmoid() > threshold).float()
-    labels[cls_logits.argmax()] = 1.0
-    return labels
+    # scatter at the argmax tensor, not labels[argmax]: indexing with a tensor reads it on the host (a CUDA sync)
+    return labels.scatter_(0, cls_logits.argmax(dim=0, keepdim=True), 1.0)
 
 
 def _to_size(x: Tensor, size: Sequence[int], nearest: bool = False) -> Tensor:

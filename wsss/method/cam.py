@@ -230,7 +230,8 @@ def refine_probs_to_label(
 
     images01 [B, 3, H, W] in [0, 1]; probs_high / probs_low [B, C, h, w] (random-walk output
     for the high / low background score, e.g. at the token grid); valid_box long [B, 4]
-    (y0, y1, x0, x1) or None (= whole image) -> long [B, H, W].
+    (y0, y1, x0, x1) or None (= whole image) -> long [B, H, W]. The boxes' values set the crops' sizes, so
+    they are read on the host: pass the host copy (the loader's); a CUDA copy costs a device sync.
 
     As the official code (``refine_cams_with_cls_label``): the probabilities are upsampled to
     H x W, then each image is cropped to its valid box, so that PAR never sees the padding of

@@ -155,7 +155,8 @@ def pseudo_labels(
     """The training pseudo labels (docs/method.md sec. 3, "AFA label").
 
     images01 [B, 3, H, W] RGB in [0, 1]; maps from :func:`cam_maps`; valid_box long [B, 4]
-    (y0, y1, x0, x1) or None. label: high / low background thresholds + PAR + combination;
+    (y0, y1, x0, x1) or None, best on the host (the AFA branch reads its values: a device copy costs a
+    sync). label: high / low background thresholds + PAR + combination;
     afa_label (``with_afa`` and an affinity in ``maps``): the CAMs propagated by the random walk
     on the affinity's grid with the same two background scores, then PAR inside each valid box.
     One PAR kernel serves both. ``phase(name)``: a context manager per step (timing hook).
