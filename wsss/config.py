@@ -28,40 +28,42 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class DataConfig:
+    # folder layout: "voc" (VOC 2012 + SBD), "coco" (`wsss data coco-masks` output), "custom" (+ classes.txt)
     dataset: Literal["voc", "coco", "custom"] = "voc"
-    root: str = "data/VOCdevkit/VOC2012"
-    train_split: str = "train_aug"
-    val_split: str = "val"
+    root: str = "data/VOCdevkit/VOC2012"  # the dataset's folder (`--data-root` sets it)
+    train_split: str = "train_aug"  # split file the training reads (VOC train_aug is built when missing)
+    val_split: str = "val"  # split of the validation during training and the default of `wsss eval`
     # validate during training on N images of val_split spread evenly over it (a fixed subset); 0 = all.
     # With a subset, the whole split is validated once more at the end of training.
     val_limit: int = 0
-    crop_size: int = 512
-    rescale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    hflip: bool = True
-    color_jitter: bool = False
+    crop_size: int = 512  # side of the square training crop, in pixels (padded where the image is smaller)
+    rescale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale factor [low, high]
+    hflip: bool = True  # random horizontal flip of the training images
+    color_jitter: bool = False  # random colour jitter of the training images (not in the published recipe)
     # brightness, contrast, saturation, hue of the colour jitter (torchvision ColorJitter)
     color_jitter_strength: list[float] = field(default_factory=lambda: [0.3, 0.3, 0.3, 0.05])
     # colour (RGB, 0..255) of the padding of a crop larger than the rescaled image: black as the official code;
     # [123.675, 116.28, 103.53] pads with the mean colour (0 after normalization), as mmsegmentation
     pad_rgb: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    ignore_index: int = 255
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # RGB mean of the normalization (ImageNet)
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # RGB std of the normalization (ImageNet)
+    ignore_index: int = 255  # label value of "ignore" in masks and pseudo labels
     # The recipe's total batch per optimizer step (VOC 4 = 2 GPUs x 2, COCO 8 = 4 GPUs x 2). It is split
     # into world size x images per forward x accumulation steps (see train.accumulation_steps).
     total_batch_size: int = 4
     batch_size: int = 2  # images per forward pass and process (at most; lowered when the total needs it)
-    num_workers: int = 4
+    num_workers: int = 4  # DataLoader worker processes per training / inference process
 
 
 @dataclass
 class MaskDecoderConfig:
+    # standard softmax, Mask2Former "masked", kMaX-DeepLab "kmeans" or HODOR "soft" cross-attention (docs/heads.md)
     cross_attention: Literal["standard", "masked", "kmeans", "soft"] = "masked"
-    num_queries: int = 100
-    num_layers: int = 9
-    hidden_dim: int = 256
-    num_heads: int = 8
-    ffn_dim: int = 2048
+    num_queries: int = 100  # learned object queries
+    num_layers: int = 9  # decoder layers (each one predicts and is supervised: deep supervision)
+    hidden_dim: int = 256  # width of the queries and the pixel features (divisible by num_heads and by 4)
+    num_heads: int = 8  # attention heads of the cross- and self-attention
+    ffn_dim: int = 2048  # hidden width of each layer's feed-forward network
     # HODOR per-head soft-mask scales s_h (learnable); one per head.
     soft_mask_scales: list[float] = field(default_factory=lambda: [32.0, 32.0, 16.0, 16.0, 8.0, 8.0, 4.0, 4.0])
     mask_threshold: float = 0.5  # Mask2Former: attend where sigmoid(mask) >= 0.5
@@ -78,43 +80,44 @@ class ModelConfig:
     # "hub" = ImageNet weights by name (MiT: Hugging Face nvidia/mit-b*, timm: its own hub; cached the usual
     # way); a local file (.pth / .bin / .safetensors); "none" = random initialisation (an explicit choice).
     pretrained: str = "hub"
-    strides: list[int] = field(default_factory=lambda: [4, 2, 2, 1])
-    drop_path_rate: float = 0.1
+    strides: list[int] = field(default_factory=lambda: [4, 2, 2, 1])  # MiT stage strides; AFA keeps stage 4 at 1/16
+    drop_path_rate: float = 0.1  # stochastic depth of the backbone blocks
     # MiT only, from scratch only: the width of a convolutional stem (three 3x3 convs, mit.conv_stem) in place
     # of the first patch embedding's 7x7 stride-4 conv; 0 = the published patch embedding.
     conv_stem: int = 0
     # Image logits from the features: "gmp" (published), "gap", or "topk": the mean of each feature channel's
     # largest cam_topk fraction of tokens. Not in the paper; on the gray demo variant topk is the one pooling
-    # with which PAR improved on the CAMs (README, "The demo dataset").
+    # with which PAR improved on the CAMs (docs/benchmarks.md, the gray variant).
     cam_pooling: Literal["gmp", "gap", "topk"] = "gmp"
-    cam_topk: float = 0.25
+    cam_topk: float = 0.25  # with cam_pooling "topk": the fraction of tokens averaged per channel
+    # "segformer": the published all-MLP head; "mask_decoder": a query-based mask transformer (mask_decoder)
     seg_head: Literal["segformer", "mask_decoder"] = "segformer"
     # Feature pyramid between backbone and seg head. A plain ViT / DeiT gives four maps at its patch stride
     # (16), too coarse for thin structures; "vit" upsamples the first two to strides 4 and 8 with transposed
     # convolutions (heads.ViTFeaturePyramid); "auto" = "vit" for a backbone whose four maps share one stride,
     # "none" otherwise (MiT / PVT-v2 are hierarchical already: the published network, unchanged).
     seg_pyramid: Literal["auto", "none", "vit"] = "auto"
-    seg_embed_dim: int = 256
+    seg_embed_dim: int = 256  # embedding width of the SegFormer head
     seg_dropout: float = 0.1  # Dropout2d before the SegFormer head's classifier (published head)
-    mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)
+    mask_decoder: MaskDecoderConfig = field(default_factory=MaskDecoderConfig)  # read with seg_head "mask_decoder"
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 20000
+    iterations: int = 20000  # optimizer steps of the whole run
     cam_iters: int = 2000  # classification only up to here
     afa_label_iter: int = 6000  # seg target switches to AFA-propagated labels here
-    lr: float = 6e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.01
-    head_lr_mult: float = 10.0
-    freeze_backbone_norm: bool = True
-    warmup_iters: int = 1500
-    warmup_ratio: float = 1e-6
-    poly_power: float = 1.0
-    cls_loss_weight: float = 1.0
-    seg_loss_weight: float = 0.1
-    aff_loss_weight: float = 0.1
+    lr: float = 6e-5  # AdamW learning rate of the backbone (the peak, after the warm-up)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    weight_decay: float = 0.01  # AdamW weight decay
+    head_lr_mult: float = 10.0  # lr multiplier of the classifier, the AFA conv and the seg head
+    freeze_backbone_norm: bool = True  # backbone norm layers get lr 0 (the published optimizer groups)
+    warmup_iters: int = 1500  # linear lr warm-up steps, then the poly decay
+    warmup_ratio: float = 1e-6  # lr factor at step 0 of the warm-up
+    poly_power: float = 1.0  # exponent p of the decay (1 - t / iterations)^p after the warm-up
+    cls_loss_weight: float = 1.0  # weight of the multi-label classification loss
+    seg_loss_weight: float = 0.1  # weight of the balanced segmentation loss (after cam_iters)
+    aff_loss_weight: float = 0.1  # weight of the affinity loss (after cam_iters)
     # Gradient accumulation: micro-batches per optimizer step. 0 = derived from data.total_batch_size,
     # the world size and data.batch_size; a positive value must agree with them.
     accumulation_steps: int = 0
@@ -126,10 +129,11 @@ class TrainConfig:
     # code has it commented out (weight 0.01 there): 0 = off. Gaussian bilateral kernel at reg_scale of the
     # crop, limited to a (2 reg_radius + 1)^2 window (see docs/method.md).
     reg_loss_weight: float = 0.0
-    reg_sigma_rgb: float = 15.0
-    reg_sigma_xy: float = 100.0
-    reg_scale: float = 0.5
-    reg_radius: int = 5
+    reg_sigma_rgb: float = 15.0  # colour bandwidth of the regularisation kernel (RGB on 0..255)
+    reg_sigma_xy: float = 100.0  # spatial bandwidth of the regularisation kernel, pixels of the crop
+    reg_scale: float = 0.5  # the regularisation loss runs at this fraction of the crop size
+    reg_radius: int = 5  # window radius of the regularisation kernel, pixels at reg_scale
+    # autocast of every phase: "bf16" on any device, "fp16" on CUDA only (with a grad scaler), "fp32" = none
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # torch.compile the backbone (nn.Module.compile: the training pass and every CAM pass, one graph per input
     # shape and grad mode, compiled in the first iterations; same parameter names and checkpoints). Off by
@@ -144,26 +148,26 @@ class TrainConfig:
     # whole process, when training starts.
     keep_host_memory: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    log_interval: int = 50
-    val_interval: int = 2000
-    ckpt_interval: int = 1000
+    seed: int = 0  # seed of the weights, the augmentation and drop-path (a resumed run continues exactly)
+    log_interval: int = 50  # iterations between loss lines in train.log / metrics.jsonl
+    val_interval: int = 2000  # iterations between validations (and one at the end); 0 = no validation
+    ckpt_interval: int = 1000  # iterations between writes of last.pt (and one at the end)
     keep_checkpoints: int = 0  # also keep the last N interval checkpoints (iter_<N>.pt) besides last.pt / best.pt
     # "tensorboard" (<work_dir>/tb) and / or "wandb" (Weights & Biases; pip install 'wsss[wandb]'; WANDB_MODE=offline
     # to log without an account). metrics.jsonl and train.log are always written.
     loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    wandb_project: str = "wsss"
-    image_log_interval: int = 500
-    work_dir: str = "work_dirs/voc"
+    wandb_project: str = "wsss"  # Weights & Biases project of the "wandb" logger
+    image_log_interval: int = 500  # iterations between TensorBoard image grids; 0 = none
+    work_dir: str = "work_dirs/voc"  # where the run writes its files (`--work-dir` sets it)
 
 
 @dataclass
 class CamConfig:
-    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5])
-    flip: bool = True
-    bg_threshold_high: float = 0.55
-    bg_threshold_low: float = 0.35
-    bg_threshold_eval: float = 0.45
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5])  # image scales of the multi-scale CAM
+    flip: bool = True  # add the horizontal flip at each CAM scale (elementwise max)
+    bg_threshold_high: float = 0.55  # background score of the training labels: foreground must beat it
+    bg_threshold_low: float = 0.35  # background score below which a pixel is sure background; between: ignored
+    bg_threshold_eval: float = 0.45  # the one background score of CAM labels in validation and evaluation
     # The scale-1, unflipped CAMs of the multi-scale pass during training: "always" = taken from the training
     # pass of the same images (saves one forward of the batch per iteration); "exact" = only when that equals a
     # separate pass (no active drop-path / dropout / batch-statistics BatchNorm on the CAM path); "never" = a
@@ -176,10 +180,10 @@ class CamConfig:
 
 @dataclass
 class ParConfig:
-    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
-    w1: float = 0.3
-    w2: float = 0.01
-    iterations: int = 10
+    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])  # 8 neighbours at each dilation
+    w1: float = 0.3  # temperature of the RGB and the position affinity terms
+    w2: float = 0.01  # weight of the position term added to the RGB term
+    iterations: int = 10  # refinement steps m <- kernel * m
     scale: float = 0.5  # PAR runs at this fraction of the input resolution
 
 
@@ -187,7 +191,7 @@ class ParConfig:
 class AfaConfig:
     attn_blocks: int = 2  # last blocks whose raw attention logits feed the AFA head
     radius: int = 8  # Chebyshev window radius on the token grid
-    rw_power: int = 2
+    rw_power: int = 2  # elementwise power of the affinity before the random walk
     rw_eps: float = 0.1  # T = A / (column sums + eps)
     affinity_scale: float = 1.5  # the CAM scale whose affinity drives the random walk
     bg_threshold_eval: float = 0.35  # background score of the random walk in validation (official validate())
@@ -199,17 +203,17 @@ class AfaConfig:
 
 @dataclass
 class EvalConfig:
-    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.75])
-    flip: bool = True
-    long_side: int = 512
-    crf: bool = False
-    crf_iterations: int = 10
-    crf_gaussian_sxy: float = 3.0
-    crf_gaussian_compat: float = 3.0
-    crf_bilateral_sxy: float = 64.0
-    crf_bilateral_srgb: float = 5.0
-    crf_bilateral_compat: float = 4.0
-    crf_workers: int = 2
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.75])  # test scales of --msc (max over them)
+    flip: bool = True  # with --msc: average each scale's logits with the flipped image's
+    long_side: int = 512  # test images are resized so their long side is this
+    crf: bool = False  # not read: `--crf` of wsss eval / predict / pseudolabel switches DenseCRF on
+    crf_iterations: int = 10  # DenseCRF mean-field iterations
+    crf_gaussian_sxy: float = 3.0  # DenseCRF Gaussian (smoothness) kernel: spatial std, pixels
+    crf_gaussian_compat: float = 3.0  # DenseCRF Gaussian kernel: weight
+    crf_bilateral_sxy: float = 64.0  # DenseCRF bilateral (appearance) kernel: spatial std, pixels
+    crf_bilateral_srgb: float = 5.0  # DenseCRF bilateral kernel: colour std (RGB on 0..255)
+    crf_bilateral_compat: float = 4.0  # DenseCRF bilateral kernel: weight
+    crf_workers: int = 2  # processes running DenseCRF in parallel
 
 
 @dataclass
