@@ -10,6 +10,11 @@
 
 ``-m "not slow"`` leaves out the tests marked ``slow`` (they train, run the CLI end to end in a fresh
 interpreter, spawn processes or DDP: each takes seconds); ``pyproject.toml`` registers the marker.
+
+Tests marked ``cuda`` need a CUDA device: where ``torch.cuda.is_available()`` is False they are deselected
+(counted as such in the summary, the header says why), never skipped, and ``-m cuda`` there is a usage error.
+``bash bench/gpu.sh`` runs them on a GPU. ``small_voc_config`` / ``small_voc_batch``: the VOC recipe at
+mit_tiny and 64-pixel crops and a loader batch for it, shared by tests/test_fake_cuda.py and tests/test_cuda.py.
 """
 
 from __future__ import annotations
@@ -30,6 +35,30 @@ TINY_OVERRIDES: tuple[str, ...] = (
     "model.seg_embed_dim=32", "cam.scales=[1.0,0.5]", "afa.affinity_scale=1.0",
     "train.iterations=6", "train.cam_iters=2", "train.afa_label_iter=4", "train.warmup_iters=2",
 )
+
+def _cuda_marker_expression(config) -> bool:
+    """Whether ``-m`` asks for the cuda tests alone (``-m cuda``)."""
+    return (config.getoption("markexpr", "") or "").strip() == "cuda"
+
+
+def pytest_report_header(config) -> str | None:
+    if not torch.cuda.is_available():
+        return "CUDA: none available; tests marked cuda are deselected (bash bench/gpu.sh runs them on a GPU)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the tests marked ``cuda`` where no CUDA device is available (module docstring)."""
+    if torch.cuda.is_available():
+        return
+    if _cuda_marker_expression(config):
+        raise pytest.UsageError("-m cuda: the tests marked cuda need a CUDA device, and torch.cuda.is_available() "
+                                "is False here; run them on a GPU machine (bash bench/gpu.sh)")
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if cuda:
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -135,3 +164,36 @@ def train_tiny(tiny_config, tmp_path_factory) -> Callable[..., Path]:
         return Path(train(tiny_config(f"data.root={data_root}", f"train.work_dir={work}", *extras))["last_checkpoint"])
 
     return run
+
+
+SMALL_CROP = 64
+
+
+@pytest.fixture(scope="session")
+def small_voc_config() -> Callable[..., object]:
+    """``small_voc_config(precision="bf16", *extras)`` -> the VOC recipe (three CAM scales with flip, affinity
+    scale 1.5, radius 8) at mit_tiny, random init, 64-pixel crops, 2 images, 2 PAR iterations (10 repeat the
+    same ops), a 32-channel seg head, the dense-energy loss on, ``eval.long_side`` 128; then ``extras``."""
+    from wsss.config import load_config
+
+    def make(precision: str = "bf16", *extras: str):
+        return load_config("voc", [
+            "model.backbone=mit_tiny", "model.pretrained=none", "model.seg_embed_dim=32",
+            f"data.crop_size={SMALL_CROP}", "data.batch_size=2", "data.total_batch_size=2",
+            f"train.precision={precision}", "train.reg_loss_weight=0.1", "eval.long_side=128", "par.iterations=2",
+            *extras,
+        ])
+
+    return make
+
+
+@pytest.fixture
+def small_voc_batch() -> dict[str, torch.Tensor]:
+    """A loader batch for ``small_voc_config``, on the host: ``image`` [2, 3, 64, 64] normalized (seed 0),
+    ``label`` [2, 20] (image 0 class 1, image 1 classes 1 and 2), ``valid_box`` long [2, 4] (image 0 whole,
+    image 1 padded: 8 rows at the bottom, 16 columns on the right)."""
+    s = SMALL_CROP
+    labels = torch.zeros(2, 20)
+    labels[0, 0] = labels[1, 0] = labels[1, 1] = 1.0
+    return {"image": torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0)), "label": labels,
+            "valid_box": torch.tensor([[0, s, 0, s], [0, s - 8, 0, s - 16]])}

@@ -7,8 +7,9 @@ device (``torch.zeros(n)`` without ``device=``, a cached CPU constant, a CPU mas
 cpu!" (as on a GPU, a 0-dim CPU tensor may mix with them). Host tensors, what the data loader hands the loop,
 stay real, so host-side code (``present_classes`` on the loaded labels) runs on their values.
 
-Covered, with the library's own functions on small models (mit_tiny, random init, 64-pixel crops, the VOC
-recipe otherwise: three CAM scales with flip, affinity scale 1.5, radius 8):
+Covered, with the library's own functions on small models (conftest's ``small_voc_config``: mit_tiny, random
+init, 64-pixel crops, the VOC recipe otherwise: 21 classes, three CAM scales with flip, affinity scale 1.5,
+radius 8):
 
 - the forward half of a training iteration, ``wsss.engine.trainer._micro_step`` (what ``train_step`` runs
   before ``backward``): the network pass under CUDA autocast (bf16, fp16; fp32 without), multi-scale CAM of
@@ -51,7 +52,6 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
 
-from wsss.config import Config, load_config
 from wsss.engine import trainer
 from wsss.engine.inference import _validation_maps, cam_labels_per_bg_threshold
 from wsss.engine.metrics import ConfusionMatrix
@@ -61,8 +61,8 @@ from wsss.method import affinity, par
 from wsss.models.network import build_network
 
 CUDA = torch.device("cuda", 0)
-NUM_CLASSES = 3  # background + 2
-CROP = 64
+NUM_CLASSES = 21  # VOC: background + 20
+CROP = 64  # conftest.SMALL_CROP
 
 
 class FakeCuda(FakeTensorMode):
@@ -123,25 +123,6 @@ def assert_on_cuda(value: Any, where: str = "output") -> None:
             assert_on_cuda(v, f"{where}[{i}]")
 
 
-def small_config(precision: str = "bf16", *extras: str) -> Config:
-    """The VOC recipe at mit_tiny, random init, 64-pixel crops, 2 images, 2 PAR iterations (10 repeat the same ops)."""
-    return load_config("voc", [
-        "model.backbone=mit_tiny", "model.pretrained=none", "model.seg_embed_dim=32", f"data.crop_size={CROP}",
-        "data.batch_size=2", "data.total_batch_size=2", f"train.precision={precision}", "train.reg_loss_weight=0.1",
-        "eval.long_side=128", "par.iterations=2", *extras,
-    ])
-
-
-def host_batch(cfg: Config) -> dict[str, torch.Tensor]:
-    """A loader batch, real on the host: ``image`` [2, 3, S, S] normalized, ``label`` [2, K] (image 0 one
-    class, image 1 two), ``valid_box`` [2, 4] (image 0 whole, image 1 padded on the right and at the bottom)."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, CROP, CROP, generator=g)
-    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    boxes = torch.tensor([[0, CROP, 0, CROP], [0, CROP - 8, 0, CROP - 16]])
-    return {"image": images, "label": labels, "valid_box": boxes}
-
-
 @contextlib.contextmanager
 def host_boxes(batch: dict[str, torch.Tensor]) -> Iterator[None]:
     """``_micro_step`` hands ``make_pseudo_labels`` the device copy of ``valid_box``, whose values
@@ -197,13 +178,13 @@ PHASES = {"warmup": lambda tc: 0, "par_label": lambda tc: tc.cam_iters, "afa_lab
     ("bf16", "afa_label", ("model.seg_head=mask_decoder", "model.mask_decoder.num_queries=4",
                            "model.mask_decoder.hidden_dim=32", "model.mask_decoder.ffn_dim=64")),
 ], ids=["bf16-warmup", "bf16-par", "bf16-afa", "fp32-afa", "fp16-afa", "bf16-afa-mask_decoder"])
-def test_training_step_forward_on_cuda(precision, phase, extras):
+def test_training_step_forward_on_cuda(precision, phase, extras, small_voc_config, small_voc_batch):
     """``_micro_step`` on ``cuda``: outputs, pseudo labels and losses on the device, network outputs in the
     autocast dtype (so autocast really ran), losses float32 scalars, labels long [B, H, W]."""
-    cfg = small_config(precision, *extras)
+    cfg = small_voc_config(precision, *extras)
     iteration = PHASES[phase](cfg.train)
     network = build_network(cfg, NUM_CLASSES).train()
-    batch = host_batch(cfg)
+    batch = small_voc_batch
     with fake_cuda(), host_boxes(batch):
         network.to(CUDA)  # as the trainer: build on the host, then move
         total, losses, out, pseudo = trainer._micro_step(network, batch, iteration, cfg, CUDA, trainer.NO_TIMER)
@@ -224,9 +205,9 @@ def test_training_step_forward_on_cuda(precision, phase, extras):
         assert pseudo.afa_label.shape == (2, CROP, CROP) and pseudo.afa_label.dtype == torch.long
 
 
-def test_optimizer_step_on_cuda():
+def test_optimizer_step_on_cuda(small_voc_config):
     """The fused AdamW step and the schedule on ``cuda``, on stand-in gradients (backward cannot run here)."""
-    cfg = small_config("bf16")
+    cfg = small_voc_config("bf16")
     network = build_network(cfg, NUM_CLASSES).train()
     with fake_cuda():
         network.to(CUDA)
@@ -246,15 +227,15 @@ def test_optimizer_step_on_cuda():
 # --------------------------------------------------------------------------- validation and prediction
 
 
-def test_validation_maps_on_cuda():
+def test_validation_maps_on_cuda(small_voc_config):
     """Validation's labels (seg, CAM, random walk, PAR) at another output size, the threshold sweep and the
     confusion matrix's update, all on ``cuda`` under inference mode and bf16 autocast (``run_over_split``)."""
-    cfg = small_config("bf16")
+    cfg = small_voc_config("bf16")
     network = build_network(cfg, NUM_CLASSES).eval()
     image = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(1))
     with fake_cuda():
         network.to(CUDA)
-        x, label = image.to(CUDA), torch.tensor([0.0, 1.0]).to(CUDA)
+        x, label = image.to(CUDA), torch.eye(20)[3].to(CUDA)
         with torch.inference_mode(), autocast(CUDA, cfg.train.precision):
             maps = _validation_maps(network, x, label, (80, 100), cfg)
             sweep = cam_labels_per_bg_threshold(network, x, label, cfg, "afa", [0.3, 0.4], True, (80, 100))
@@ -271,19 +252,19 @@ def test_validation_maps_on_cuda():
 
 
 @pytest.mark.parametrize("target", ["seg", "cam", "afa"])
-def test_segmenter_probs_on_cuda(target):
+def test_segmenter_probs_on_cuda(target, small_voc_config):
     """``Segmenter.to("cuda")`` and the network part of ``predict`` (``_probs``), multi-scale, at the
     image's size: probabilities [C, H0, W0] float32 on ``cuda``; cam / afa also the predicted image labels."""
     from wsss.api import Segmenter
     from wsss.data.transforms import EvalTransform
 
-    cfg = small_config("bf16")
+    cfg = small_voc_config("bf16")
     raw = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
     image = EvalTransform.from_config(cfg.data, cfg.eval.long_side)(raw)  # on the host, as the loader does
     item = {"index": 0, "raw": raw, "image": image, "error": None}
     network = build_network(cfg, NUM_CLASSES)
     with fake_cuda():
-        segmenter = Segmenter(network, cfg, ["background", "a", "b"], device=CUDA)
+        segmenter = Segmenter(network, cfg, [f"class {c}" for c in range(NUM_CLASSES)], device=CUDA)
         assert segmenter.device == CUDA
         cam_cfg, seg_flip = segmenter._flip_settings(target, True, None)
         probs = segmenter._probs(item, target, True, seg_flip, cam_cfg)

@@ -105,7 +105,8 @@ def ignore_outside_box(label: Tensor, valid_box: Tensor | None, ignore_index: in
     ``ignore_index`` outside each image's box (a new tensor; None = label unchanged)."""
     if valid_box is None:
         return label
-    return label.masked_fill(~box_mask(valid_box.to(label.device), label.shape[-2:]), ignore_index)
+    box = valid_box.to(label.device, non_blocking=True)  # a host box: no wait for the device's queue
+    return label.masked_fill(~box_mask(box, label.shape[-2:]), ignore_index)
 
 
 def cam_scores(cams: Tensor, labels: Tensor, bg_score: float) -> Tensor:
