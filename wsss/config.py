@@ -150,6 +150,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # seed of the weights, the augmentation and drop-path (a resumed run continues exactly)
     log_interval: int = 50  # iterations between loss lines in train.log / metrics.jsonl
+    # Stalled-learning check: from this iteration on, at each log interval, the interval's mean classification
+    # loss is compared with stall_ratio x the label prior loss (that of predicting each class's training frequency
+    # for every image); the first time it is above, one warning and a {"kind": "stalled"} record in metrics.jsonl.
+    # -1 = auto: warmup_iters + 500 (voc / coco 2000, demo 600); 0 = never.
+    stall_check_iter: int = -1
+    stall_ratio: float = 0.9  # stall_check_iter warns while the mean cls loss > stall_ratio x the label prior loss
     val_interval: int = 2000  # iterations between validations (and one at the end); 0 = no validation
     ckpt_interval: int = 1000  # iterations between writes of last.pt (and one at the end)
     keep_checkpoints: int = 0  # also keep the last N interval checkpoints (iter_<N>.pt) besides last.pt / best.pt
@@ -367,6 +373,12 @@ def validate(cfg: Config) -> None:
         (cfg.train.accumulation_steps >= 0, "train.accumulation_steps must be >= 0 (0 = derived)"),
         (cfg.train.reg_loss_weight >= 0, "train.reg_loss_weight must be >= 0"),
         (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0"),
+        (cfg.train.stall_check_iter >= -1,
+         f"train.stall_check_iter must be -1 (auto: train.warmup_iters + 500), 0 (no stalled-learning check) or "
+         f"the iteration of the first check, got {cfg.train.stall_check_iter}"),
+        (0 < cfg.train.stall_ratio < float("inf"),
+         f"train.stall_ratio must be a positive number (the stalled-learning warning fires while the mean "
+         f"classification loss is above stall_ratio x the label prior loss), got {cfg.train.stall_ratio}"),
         (set(cfg.train.loggers) <= {"tensorboard", "wandb"},
          f"train.loggers must be a list of 'tensorboard' and / or 'wandb', got {cfg.train.loggers}"),
         (cfg.train.reg_sigma_rgb > 0 and cfg.train.reg_sigma_xy > 0,

@@ -12,6 +12,7 @@ A checkpoint is one ``torch.save`` file holding a dict::
                  dict per rank of a distributed run
     data         {"epoch", "batch": batches of that epoch consumed, "batches_per_epoch"}
     class_names, num_classes, best_miou, versions, format
+    stall_warned iteration of the run's stalled-learning warning, or None (a resumed run does not repeat it)
 
 Everything in it is a tensor or a plain Python value, so it loads with
 ``torch.load(weights_only=True)`` (no pickled code runs on load). Files are

@@ -31,7 +31,10 @@ class RunLogger:
 
     metrics.jsonl holds one JSON object per line: ``{"iteration", "kind": "train", "losses", "lr",
     "seconds", "iterations_per_s", "images_per_s"}`` per log interval and ``{"iteration", "kind": "val",
-    "miou": {...}, "per_class_iou": {...}}`` per validation (null for classes absent from both).
+    "miou": {...}, "per_class_iou": {...}}`` per validation (null for classes absent from both), and at most once
+    per run ``{"iteration", "kind": "stalled", "cls_loss", "prior_loss", "ratio", "stall_ratio", "window"}`` when
+    the classification loss has not left the label prior (``train.stall_check_iter``; ratio = cls_loss /
+    prior_loss, the mean over the last ``window`` iterations).
     """
 
     def __init__(self, work_dir: Path, enabled: bool, total: int, start: int, cfg: Config | None = None) -> None:
@@ -74,6 +77,11 @@ class RunLogger:
         """One line to the console and train.log (through the logging set-up of :mod:`wsss.logs`)."""
         if self.enabled:
             logger.info(text)
+
+    def warning(self, text: str) -> None:
+        """One warning to the console and train.log."""
+        if self.enabled:
+            logger.warning(text)
 
     def advance(self) -> None:
         if self.bar is not None:

@@ -18,6 +18,8 @@ Network passes run under ``wsss.engine.runtime.autocast`` (``train.precision`` b
 (GradScaler for fp16); everything after them (thresholds, PAR, random walk, losses) runs
 outside autocast in float32. No host synchronisation in the loop: losses are summed as
 tensors and read (``.item()``) only every ``train.log_interval`` iterations.
+At those log intervals, from ``train.stall_check_iter`` on, the mean classification loss is compared with
+the label prior's (:func:`wsss.method.losses.label_prior_loss`): one warning per run when learning has stalled.
 
 :func:`train` adds the rest: torchrun / DDP (:mod:`wsss.engine.distributed`), an infinite
 loader over epochs with exact mid-epoch resume (:mod:`wsss.engine.loader`), checkpoints
@@ -71,7 +73,7 @@ from wsss.errors import ConfigError, DatasetError, WsssError
 from wsss.logs import configure_logging
 from wsss.method.affinity import affinity_labels, label_to_grid
 from wsss.method.cam import CamFn, box_mask
-from wsss.method.losses import affinity_loss, balanced_seg_loss, classification_loss
+from wsss.method.losses import affinity_loss, balanced_seg_loss, classification_loss, label_prior_loss
 from wsss.method.ops import resize
 from wsss.method.pseudo_labels import cam_maps, present_classes, pseudo_labels
 
@@ -425,6 +427,44 @@ def _miou(result: Any) -> float:
     return float(value) if value is not None else math.nan
 
 
+# --------------------------------------------------------------------------- stalled learning
+
+STALL_AUTO_AFTER_WARMUP = 500  # train.stall_check_iter=-1: the check starts this many iterations after the warm-up
+
+
+def stall_check_iteration(tc: Any) -> int | None:
+    """The iteration from which the stalled-learning check runs (``train.stall_check_iter``; -1 = auto:
+    ``train.warmup_iters`` + 500), or None when it never does (0)."""
+    if tc.stall_check_iter == 0:
+        return None
+    if tc.stall_check_iter < 0:
+        return tc.warmup_iters + STALL_AUTO_AFTER_WARMUP
+    return tc.stall_check_iter
+
+
+def stall_message(cfg: Config, iteration: int, steps: int, cls_loss: float, prior: float) -> str:
+    """The one warning of a run whose classification loss has not left the label prior: what it means and
+    what to try."""
+    from wsss.models.weights import RANDOM_INIT
+
+    tc, cam = cfg.train, cfg.cam
+    if cfg.model.pretrained == RANDOM_INIT:
+        weights = "pretrained weights (model.pretrained=hub or a weight file; this run starts from random init)"
+    else:
+        weights = f"other pretrained weights (model.pretrained={cfg.model.pretrained}: check that they loaded)"
+    return (
+        f"learning has stalled: at iteration {iteration} the classification loss (mean of the last {steps} "
+        f"iterations) is {cls_loss:.4f}, {cls_loss / prior:.2f} x the label prior {prior:.4f} (the loss of "
+        f"predicting each class's training frequency whatever the image), above train.stall_ratio="
+        f"{tc.stall_ratio:g}: the classifier has not learned from the pixels, and the CAMs, pseudo labels and "
+        f"seg head built on it learn nothing either. Try: a higher or lower learning rate (train.lr={tc.lr:g}), "
+        f"a longer or shorter warm-up (train.warmup_iters={tc.warmup_iters}), {weights}; once the classifier "
+        f"learns, the CAM labels' background thresholds (cam.bg_threshold_high={cam.bg_threshold_high:g}, "
+        f"cam.bg_threshold_low={cam.bg_threshold_low:g}, cam.bg_threshold_eval={cam.bg_threshold_eval:g}). "
+        f"Warned once per run; train.stall_check_iter=0 turns the check off."
+    )
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -529,7 +569,7 @@ def train(cfg: Config, resume: Path | str | None = None, stop_after: int | None 
 
     Returns {"iteration", "work_dir", "last_checkpoint", "best_checkpoint", "best_miou",
     "val": the last validation {"cam", "afa", "seg"} mIoUs, "losses": the last logged means,
-    "seconds"}.
+    "seconds", "stall_warned": the iteration of the stalled-learning warning or None}.
     """
     started = time.perf_counter()
     ctx = du.init_distributed(cfg.train.device)
@@ -579,6 +619,16 @@ class _Run:
                            f"attention logits (afa.attn_norm={cfg.afa.attn_norm})")
         self.last_saved = self.iteration if ckpt is not None else -1
         self.last_val: dict[str, float] = {}
+        # stalled-learning check: the label prior from the dataset's image labels (no pass over the images);
+        # the iteration of the warning is kept in the checkpoint, so a resumed run that warned does not again
+        self.prior_loss = label_prior_loss(self.dataset.image_labels)
+        self.stall_from = stall_check_iteration(tc) if self.prior_loss > 0 else None
+        warned = ckpt.get("stall_warned") if ckpt is not None else None
+        self.stall_warned: int | None = int(warned) if warned is not None else None
+        if (ctx.is_main and self.stall_from is not None and self.stall_from <= tc.iterations
+                and self.stall_warned is None):
+            self.logs.line(f"stalled-learning check from iteration {self.stall_from} on: warns when the mean "
+                           f"classification loss is above {tc.stall_ratio:g} x the label prior {self.prior_loss:.4f}")
 
     def _check_data(self, ckpt: dict[str, Any] | None, resume: Path | None) -> None:
         dataset, ctx = self.dataset, self.ctx
@@ -624,7 +674,22 @@ class _Run:
             "data": {"epoch": self.epoch, "batch": self.consumed, "batches_per_epoch": self.per_epoch},
             "class_names": list(self.dataset.class_names), "num_classes": self.dataset.num_classes,
             "best_miou": self.best_miou if math.isfinite(self.best_miou) else None, "versions": self.versions,
+            "stall_warned": self.stall_warned,
         }
+
+    def check_stall(self, losses: dict[str, float], steps: int) -> None:
+        """At a log interval: one warning (train.log) and a metrics.jsonl record when the interval's mean
+        classification loss (all ranks', on the host already) is still above stall_ratio x the label prior."""
+        it = self.iteration
+        if self.stall_warned is not None or self.stall_from is None or it < self.stall_from:
+            return
+        cls_loss, ratio = losses["cls"], losses["cls"] / self.prior_loss
+        if not ratio > self.cfg.train.stall_ratio:  # a NaN loss is no stall (it is another problem)
+            return
+        self.stall_warned = it  # on every rank (the means are all-reduced): the checkpoints agree
+        self.logs.warning(stall_message(self.cfg, it, steps, cls_loss, self.prior_loss))
+        self.logs.metrics({"iteration": it, "kind": "stalled", "cls_loss": cls_loss, "prior_loss": self.prior_loss,
+                           "ratio": ratio, "stall_ratio": self.cfg.train.stall_ratio, "window": steps})
 
     def save(self, name: str) -> None:
         """Checkpoint ``name`` in the work dir (every rank takes part in gathering the RNG states)."""
@@ -674,6 +739,7 @@ class _Run:
             if it % log_every == 0 or it == tc.iterations:
                 seconds = (time.perf_counter() - interval_start, time.perf_counter() - self.started)
                 last_losses = _log_losses(self.logs, sums, since_log, self.optimizer, it, self.epoch, cfg, seconds)
+                self.check_stall(last_losses, since_log)
                 since_log, interval_start = 0, time.perf_counter()
             if ctx.is_main and tc.image_log_interval > 0 and it % tc.image_log_interval == 0:
                 _log_images(self.logs, self.network, result.batch, result, cfg, ctx.device, it)
@@ -702,7 +768,7 @@ class _Run:
             "iteration": it, "work_dir": str(self.work_dir), "last_checkpoint": str(self.work_dir / LAST_NAME),
             "best_checkpoint": str(best_path) if best_path.is_file() else None,
             "best_miou": self.best_miou if math.isfinite(self.best_miou) else None,
-            "val": self.last_val, "losses": last_losses, "seconds": seconds,
+            "val": self.last_val, "losses": last_losses, "seconds": seconds, "stall_warned": self.stall_warned,
         }
 
 

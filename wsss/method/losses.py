@@ -5,6 +5,9 @@ L = L_cls + 0.1 L_seg + 0.1 L_aff after the CAM-only warm-up (weights in TrainCo
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -12,6 +15,22 @@ from torch import Tensor
 def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """logits [B, K], labels [B, K] multi-hot -> scalar multi-label soft-margin loss."""
     return F.multilabel_soft_margin_loss(logits, labels.to(logits.dtype))
+
+
+def label_prior_loss(image_labels: Any) -> float:
+    """The classification loss of the label prior: :func:`classification_loss` (mean over classes, then over
+    images) of the constant logits logit(p_k) for every image, p_k = the fraction of the images with class k.
+
+    image_labels: multi-hot [N, K] (array or tensor; a dataset's ``image_labels``) -> mean_k H(p_k), the binary
+    entropy H(p) = -[p log p + (1 - p) log(1 - p)], 0 for a class in no image or in all (its limit). What a
+    network that learned nothing from the pixels can reach; the trainer's stalled-learning check compares with it.
+    """
+    labels = torch.as_tensor(image_labels, dtype=torch.float64)
+    if labels.ndim != 2 or labels.numel() == 0:
+        return 0.0
+    p = labels.mean(dim=0)
+    entropy = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
+    return float(entropy.mean())
 
 
 def balanced_seg_loss(logits: Tensor, label: Tensor, ignore_index: int = 255) -> Tensor:
@@ -46,4 +65,4 @@ def affinity_loss(pred: Tensor, labels: Tensor) -> Tensor:
     return 0.5 * (pos_loss + neg_loss)
 
 
-__all__ = ["affinity_loss", "balanced_seg_loss", "classification_loss"]
+__all__ = ["affinity_loss", "balanced_seg_loss", "classification_loss", "label_prior_loss"]
