@@ -1,5 +1,5 @@
 """What the benchmark scripts share: peak memory, the timed repeat loop, one case per child process, a run's
-logged losses (``loss_summary``), and
+logged losses (``loss_summary``), a synthetic dataset in the VOC layout (``write_synthetic_voc``), and
 the AFA training-step set-up of ``train_step.py`` / ``vs_official.py`` (config, network + optimizer, the
 fixed synthetic batch, one timed iteration split by phase).
 
@@ -182,3 +182,60 @@ def loss_summary(work_dir: Path) -> dict[str, Any]:
             summary[name] = {"first": list(points[0]), "min": list(min(points, key=lambda p: p[1])),
                              "last": list(points[-1])}
     return summary
+
+
+# --------------------------------------------------------------------------- synthetic VOC layout
+
+VOC_BOUNDARY = 5  # pixels of ignore (255) around each object, as VOC's masks have
+
+
+def write_synthetic_voc(root: Path, num_train: int, num_val: int, size: Sequence[int] = (375, 500),
+                        seed: int = 0) -> Path:
+    """A dataset in the VOC 2012 layout for runs of the code, not of learning -> ``root``::
+
+        root/JPEGImages/{train,val}_NNNN.jpg   RGB [H, W] = ``size`` (VOC's most common 375 x 500)
+        root/SegmentationClass/{train,val}_NNNN.png   VOC-palette masks, 0 = background, 1..20, 255 = ignore
+        root/ImageSets/Segmentation/{train,val}.txt
+
+    Per image: a smooth random background and 1 to 3 objects (ellipses or rectangles, 1/8 to 1/2 of the image
+    side), each of a random class of the 20 and a random colour with noise, with a ``VOC_BOUNDARY``-pixel
+    ignore band around it. Read with ``data.dataset=voc data.train_split=train``.
+    """
+    import numpy as np
+    from PIL import Image
+    from scipy.ndimage import binary_dilation
+
+    from wsss.data.io import write_label_png
+
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in size)
+    ys, xs = np.mgrid[0:h, 0:w]
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True, exist_ok=True)
+    (root / "JPEGImages").mkdir(exist_ok=True)
+    for split, count in (("train", num_train), ("val", num_val)):
+        names = [f"{split}_{i:04d}" for i in range(count)]
+        for name in names:
+            coarse = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
+            image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), dtype=np.float32)
+            mask = np.zeros((h, w), np.uint8)
+            for _ in range(int(rng.integers(1, 4))):
+                ry, rx = (rng.uniform(1 / 16, 1 / 4) * min(h, w) for _ in range(2))
+                cy, cx = rng.uniform(ry, h - ry), rng.uniform(rx, w - rx)
+                dy, dx = (ys - cy) / ry, (xs - cx) / rx
+                shape = dy**2 + dx**2 <= 1 if rng.random() < 0.5 else (np.abs(dy) <= 1) & (np.abs(dx) <= 1)
+                image[shape] = rng.uniform(0, 255, 3) + rng.normal(0, 12, (int(shape.sum()), 3))
+                band = binary_dilation(shape, iterations=VOC_BOUNDARY) & ~shape
+                mask[band] = 255
+                mask[shape] = int(rng.integers(1, 21))
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "JPEGImages" / f"{name}.jpg", quality=90)
+            write_label_png(root / "SegmentationClass" / f"{name}.png", mask)
+        (sets / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    return root
+
+
+if __name__ == "__main__":  # python3 bench/_common.py voc ROOT NUM_TRAIN NUM_VAL HEIGHT WIDTH (bench/gpu.sh)
+    if len(sys.argv) != 7 or sys.argv[1] != "voc":
+        sys.exit("usage: python3 bench/_common.py voc ROOT NUM_TRAIN NUM_VAL HEIGHT WIDTH")
+    _root, _train, _val, _h, _w = Path(sys.argv[2]), *(int(v) for v in sys.argv[3:])
+    print(write_synthetic_voc(_root, _train, _val, (_h, _w)))

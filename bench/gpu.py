@@ -1,9 +1,12 @@
-"""GPU benchmark of the AFA training iteration for the VOC recipe (issue 14, item 4), in one command.
+"""GPU benchmark of the AFA training iteration for the VOC recipe (issue 14, item 4), in one command; the last
+step of ``bench/gpu.sh`` (issue 25), which installs, tests and runs ``wsss train`` / ``wsss predict`` first.
 
-    bash bench/gpu.sh                           # CUDA, the VOC recipe: bf16 / fp32, eager / torch.compile (~5 min)
-    bash bench/gpu.sh --quick                   # CUDA, the VOC recipe: 1 warm-up + 3 timed iterations, no compile
-    bash bench/gpu.sh --device cpu --quick      # CPU test run: mit_tiny, crop 128, 1 timed iteration, no compile
+    python3 bench/gpu.py                        # CUDA, the VOC recipe: bf16 / fp32, eager / torch.compile (~5 min)
+    python3 bench/gpu.py --quick                # CUDA, the VOC recipe: 1 warm-up + 3 timed iterations, no compile
+    python3 bench/gpu.py --device cpu --quick   # CPU test run: mit_tiny, crop 128, 1 timed iteration, no compile
     python3 bench/gpu.py --precisions bf16 --compile on --iters 20 --budget 300
+
+It needs the repository on the import path (``pip install -e .``, or ``PYTHONPATH=.`` as ``bench/gpu.sh`` sets).
 
 Same set-up as ``bench/train_step.py`` (``_common``: ``bench_config``, ``build_training``, ``synthetic_batch``,
 ``timed_step``; the trainer's own ``train_step`` with a ``PhaseTimer``): ``configs/voc.yaml`` (MiT-B1, crop
@@ -103,7 +106,8 @@ def run_check(args: argparse.Namespace) -> dict:
     network = build_training(cfg32, args.classes + 1, device, seed=0)[0].eval()  # eval: no drop-path sampling
     batch = synthetic_batch(args.batch, args.crop, args.classes, torch.Generator().manual_seed(0),
                             cfg32.data.mean, cfg32.data.std)
-    images, labels, box = (batch[k].to(device) for k in ("image", "label", "valid_box"))
+    images, labels = (batch[k].to(device) for k in ("image", "label"))
+    box = batch["valid_box"]  # on the host: refine_probs_to_label reads its values
     out = {p: make_pseudo_labels(network, images, labels, box, cfg, with_afa=True)
            for p, cfg in (("fp32", cfg32), ("bf16", cfg16))}
     ref, low = out["fp32"], out["bf16"]
