@@ -1,7 +1,7 @@
 """The `wsss` command line: a thin Typer shell over the library API.
 
 Every command maps onto one library function, so anything done here can be
-done from Python (see README, "Python API").
+done from Python (see docs/predict-export-api.md, "Python API").
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,
 )
-config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect configurations; print their reference.", no_args_is_help=True)
 data_app = typer.Typer(help="Build and convert datasets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
@@ -95,6 +95,22 @@ def config_show(
 ) -> None:
     """Print the resolved configuration as YAML."""
     typer.echo(load_config(name, overrides or []).to_yaml(), nl=False)
+
+
+@config_app.command("docs")
+def config_docs(
+    out: Optional[Path] = typer.Option(None, help="write the reference to this file instead of printing it"),
+) -> None:
+    """Print the configuration reference (docs/configuration.md): every key, type, default and meaning."""
+    from wsss.config_docs import config_reference
+
+    text = config_reference()
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        typer.echo(f"configuration reference written to {out}")
 
 
 # --------------------------------------------------------------------------- data
