@@ -5,8 +5,8 @@ benchmark scripts and the files they name.
   `wsss ...` (also as `python3 -m wsss`, `python3 cli.py`, `torchrun ... -m wsss.cli`) is parsed by click against
   the Typer app itself: the sub-command must exist, and its options and arguments must parse with their types;
   every `section.key=value` override must name a config key and fit its type. `python3 bench/NAME.py ...` and
-  `bash bench/gpu.sh ...` must name an existing script and only options its argparse parser declares (read from
-  the script's source, so nothing is imported or run). The cheap ones really run: `wsss config show`,
+  `bash bench/NAME.sh ...` must name an existing script and only options it declares (read from the script's
+  source: argparse's `add_argument`, a shell script's `case` patterns; nothing is imported or run). The cheap ones really run: `wsss config show`,
   `wsss config docs`, `wsss data demo` / `wsss data shapes` (with tiny sizes), `--help`, `--version`.
 - Inline code: a `wsss ...` span must name an existing sub-command and options of it; a `section.key` span (or
   `section.key=value`, `section.prefix_*`) must be a key of the config.
@@ -150,8 +150,8 @@ def _as_command(tokens: list[str], where: str) -> Command | None:
         if rest and rest[0].startswith("bench/"):
             return Command("bench", tuple(rest), where)
         return None
-    if head == "bash" and rest and rest[0] == "bench/gpu.sh":
-        return Command("bench", ("bench/gpu.py", *rest[1:]), where)  # gpu.sh hands every argument to gpu.py
+    if head == "bash" and rest and rest[0].startswith("bench/"):
+        return Command("bench", tuple(rest), where)
     return None
 
 
@@ -267,8 +267,16 @@ def check_wsss(args: tuple[str, ...] | list[str]) -> None:
 
 
 @cache
-def argparse_options(script: Path) -> frozenset[str]:
-    """The option strings of every ``add_argument`` call in a script's source."""
+def script_options(script: Path) -> frozenset[str]:
+    """The options a bench script declares, read from its source: a Python script's ``add_argument`` option
+    strings; a shell script's ``case`` patterns (``--quick)``, ``--budget=*)``) plus the options of the Python
+    script of the same name, to which it hands the other arguments (bench/gpu.sh -> bench/gpu.py)."""
+    if script.suffix == ".sh":
+        text = script.read_text()
+        names = set(re.findall(r"^\s*((?:-[\w-]+\|?)+)(?:=\*)?\)", text, flags=re.M))
+        names = {n for pattern in names for n in pattern.split("|")} | {"--help", "-h"}
+        partner = script.with_suffix(".py")
+        return frozenset(names | (script_options(partner) if partner.is_file() else set()))
     tree = ast.parse(script.read_text())
     names = {"--help", "-h"}
     for node in ast.walk(tree):
@@ -281,7 +289,7 @@ def argparse_options(script: Path) -> frozenset[str]:
 def check_bench(args: tuple[str, ...] | list[str]) -> None:
     script = REPO / args[0]
     assert script.is_file(), f"{args[0]} does not exist"
-    unknown = [a for a in args[1:] if a.startswith("--") and a.split("=")[0] not in argparse_options(script)]
+    unknown = [a for a in args[1:] if a.startswith("--") and a.split("=")[0] not in script_options(script)]
     assert not unknown, f"{args[0]} has no option {unknown[0]}"
 
 
@@ -394,7 +402,7 @@ def test_inline_commands_and_config_keys_in_the_docs_exist():
             try:
                 if span.startswith("wsss "):
                     check_inline_wsss(span)
-                elif re.match(r"^python3? bench/[a-z0-9_]+\.py\b", span):  # not a placeholder (bench/NAME.py)
+                elif re.match(r"^(python3?|bash) bench/[a-z0-9_]+\.(py|sh)\b", span):  # not bench/NAME.py
                     check_bench(span.split()[1:])
                 else:
                     keys += check_config_span(span)
@@ -514,6 +522,7 @@ def test_field_comments_take_the_lines_above_and_the_trailing_comment():
     ("wsss", ("data", "demo", "out", "--num-train", "many"), "Invalid value for '--num-train'"),
     ("bench", ("bench/quality.py", "--no-such-option"), "has no option --no-such-option"),
     ("bench", ("bench/no_such_bench.py",), "does not exist"),
+    ("bench", ("bench/gpu.sh", "--no-such-option"), "has no option --no-such-option"),
 ])
 def test_the_command_check_rejects_what_the_code_does_not_have(kind, args, message):
     with pytest.raises(AssertionError, match=re.escape(message)):
