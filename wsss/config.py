@@ -135,17 +135,12 @@ class TrainConfig:
     reg_radius: int = 5  # window radius of the regularisation kernel, pixels at reg_scale
     # autocast of every phase: "bf16" on any device, "fp16" on CUDA only (with a grad scaler), "fp32" = none
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    # torch.compile the backbone (nn.Module.compile: the training pass and every CAM pass, one graph per input
-    # shape and grad mode, compiled in the first iterations; same parameter names and checkpoints). Off by
-    # default: on 2 CPU cores it brought no measurable gain in bench/vs_official.py (its compile time does not
-    # pay off in short runs) and compiled drop-path draws other random numbers; bench/gpu.sh measures it on CUDA.
+    # torch.compile the backbone (every pass; one graph per input shape and grad mode; same checkpoints). Off by
+    # default: no measurable gain on 2 CPU cores in short runs, and compiled drop-path draws other random numbers.
     compile: bool = False
-    # glibc (Linux) only: large host tensors come from the heap and freed memory is kept for the next
-    # iteration, instead of glibc's default of mapping each one afresh and returning it at free, which
-    # makes every iteration fault its activations in again (measured on 2 CPU cores: the VOC recipe's
-    # multi-scale CAM passes 1.25 -> 1.13 s, ~10^5 page faults less; peak RSS growth in bench/vs_official.py
-    # 0.81 -> 0.85 GiB), and the process keeps its peak. false = glibc's defaults. Applied once, for the
-    # whole process, when training starts.
+    # glibc (Linux) only, set once per process when training starts: keep freed host memory for the next
+    # iteration instead of returning it and faulting it in again (2 CPU cores: the VOC multi-scale CAM passes
+    # 1.25 -> 1.13 s); false = glibc's defaults.
     keep_host_memory: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # seed of the weights, the augmentation and drop-path (a resumed run continues exactly)
@@ -174,13 +169,9 @@ class CamConfig:
     bg_threshold_high: float = 0.55  # background score of the training labels: foreground must beat it
     bg_threshold_low: float = 0.35  # background score below which a pixel is sure background; between: ignored
     bg_threshold_eval: float = 0.45  # the one background score of CAM labels in validation and evaluation
-    # The scale-1, unflipped CAMs of the multi-scale pass during training: "always" = taken from the training
-    # pass of the same images (saves one forward of the batch per iteration); "exact" = only when that equals a
-    # separate pass (no active drop-path / dropout / batch-statistics BatchNorm on the CAM path); "never" = a
-    # separate pass, as the official code. With drop-path on (voc, coco: 0.1), "always" deviates from the
-    # official code in randomness only: its separate pass, also in train mode, draws its own drop-path mask,
-    # the training pass draws one from the same distribution; without drop-path the labels are identical
-    # (bench/vs_official.py checks them). Validation and `wsss pseudolabel` always run a separate eval pass.
+    # Training's scale-1 unflipped CAMs: "always" = from the training pass (one forward less per iteration; with
+    # drop-path another random sample than a separate pass, docs/method.md sec. 11.4); "exact" = only where that is
+    # identical (no active drop-path / dropout / batch-statistics BatchNorm); "never" = a separate pass (official).
     reuse_train_pass: Literal["always", "exact", "never"] = "always"
 
 
