@@ -30,7 +30,7 @@ Not covered, and why:
 - values: fake tensors have none, so numerics and bf16 / fp32 agreement (``bench/gpu.py``) are not checked,
   and any read of a device value (``.item()``, ``.tolist()``, ``nonzero``) fails here. That is how this test
   found ``refine_probs_to_label`` reading the device copy of ``valid_box`` (a host sync per iteration on a
-  GPU): see :func:`host_boxes`. Hence also whole loops that read results back stay out: ``validate``'s
+  GPU; ``_micro_step`` hands it the host copy). Hence also whole loops that read results back stay out: ``validate``'s
   mIoU, ``predict``'s label maps, TensorBoard grids, CRF (numpy), files;
 - DDP, SyncBatchNorm's all-reduce and NCCL (no process group of fake devices), pinned memory and the overlap
   of non-blocking copies, DataLoader workers;
@@ -123,25 +123,6 @@ def assert_on_cuda(value: Any, where: str = "output") -> None:
             assert_on_cuda(v, f"{where}[{i}]")
 
 
-@contextlib.contextmanager
-def host_boxes(batch: dict[str, torch.Tensor]) -> Iterator[None]:
-    """``_micro_step`` hands ``make_pseudo_labels`` the device copy of ``valid_box``, whose values
-    ``refine_probs_to_label`` reads (``.tolist()``): on a GPU a host sync in every iteration, here a value a
-    fake tensor does not have. Until wsss/engine/trainer.py passes the host copy (``batch["valid_box"]``;
-    issue 25's report), this hands ``make_pseudo_labels`` the host copy in its place. A box already on the
-    host passes through, so the context is a no-op once the trainer is fixed (then delete it)."""
-    make = trainer.make_pseudo_labels
-
-    def with_host_box(network, images, labels, valid_box, *args, **kwargs):
-        if valid_box.device.type != "cpu":
-            assert tuple(valid_box.shape) == tuple(batch["valid_box"].shape)
-            valid_box = batch["valid_box"]
-        return make(network, images, labels, valid_box, *args, **kwargs)
-
-    with mock.patch.object(trainer, "make_pseudo_labels", with_host_box):
-        yield
-
-
 # --------------------------------------------------------------------------- the harness
 
 
@@ -185,7 +166,7 @@ def test_training_step_forward_on_cuda(precision, phase, extras, small_voc_confi
     iteration = PHASES[phase](cfg.train)
     network = build_network(cfg, NUM_CLASSES).train()
     batch = small_voc_batch
-    with fake_cuda(), host_boxes(batch):
+    with fake_cuda():
         network.to(CUDA)  # as the trainer: build on the host, then move
         total, losses, out, pseudo = trainer._micro_step(network, batch, iteration, cfg, CUDA, trainer.NO_TIMER)
         assert_on_cuda(out, "network output")

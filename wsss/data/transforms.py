@@ -58,8 +58,9 @@ def normalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
 
 def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Normalized images [..., 3, H, W] -> RGB in [0, 1] (what PAR wants)."""
-    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    # built on the host, copied without blocking (a Python list straight to a CUDA device waits on the stream)
+    m = torch.tensor(mean, dtype=images.dtype).to(images.device, non_blocking=True).view(3, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype).to(images.device, non_blocking=True).view(3, 1, 1)
     return (images * s + m).clamp(0.0, 1.0)
 
 

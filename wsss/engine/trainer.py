@@ -267,7 +267,9 @@ def _micro_step(
 
     pseudo = None
     if not warmup:
-        pseudo = make_pseudo_labels(network, images, labels, valid_box, cfg, use_afa_label, out, timer, class_index)
+        # the host copy of the boxes: the label refinement reads them with .tolist(), a device copy would sync
+        pseudo = make_pseudo_labels(network, images, labels, batch["valid_box"], cfg, use_afa_label, out, timer,
+                                    class_index)
 
     with timer.phase("losses"):
         cls_loss = classification_loss(out.cls_logits.float(), labels)
