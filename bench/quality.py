@@ -363,7 +363,7 @@ def format_table(report: dict[str, Any]) -> str:
     crf = any("seg_crf" in v.get("multi_object", {}).get("val", {}) for v in report["variants"].values())
     crf_head = f"{'+CRF':>7}" if crf else ""
     lines.append(f"{'on images with 2+ classes':<26}{'PAR':>7}{'fg+rnd':>8}{'n':>5}{'seg':>7}{crf_head}"
-                 f"{'fg+rnd':>8}{'n':>5}   targets (issue 13)")
+                 f"{'fg+rnd':>8}{'n':>5}   targets (TARGETS)")
     for name, v in _grouped(report, lines, "  {}"):
         if "multi_object" not in v:
             continue

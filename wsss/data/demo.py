@@ -68,7 +68,7 @@ JPEG_QUALITY = 95
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as Pillow's convert("L")
 _META = "meta.json"
 # Options added after the first release: meta.json records them only when they differ from their default,
-# so the default dataset's files (and the README figures measured on them) stay byte-identical.
+# so the default dataset's files (and the demo figures measured on them) stay byte-identical.
 _LATER_OPTIONS = ("grayscale",)
 
 
@@ -157,7 +157,7 @@ class DemoOptions:
         return out
 
 
-# The family of harder demo datasets (issue 13; bench/quality.py trains the demo recipe on each): the
+# The family of harder demo datasets (bench/quality.py trains the demo recipe on each): the
 # changes to the defaults. "small": masks 32-48 px long on 128-px images (30-46 px before the stroke
 # dilation), 2-3 tokens of the network's stride-16 stage at the demo's 128-px crops.
 DEMO_VARIANTS: dict[str, dict[str, Any]] = {
