@@ -326,23 +326,24 @@ def _grouped(report: dict[str, Any], lines: list[str], title: str) -> Iterator[t
 def format_table(report: dict[str, Any]) -> str:
     """The report (``main``) -> the printed text: the quality table, the loss table, the notes."""
     start, end = report["loadavg_start"], report["loadavg_end"]
-    head = (f"{'variant':<10}{'F1 val':>7}{'CAM':>7}{'PAR':>7}{'AFA':>7}{'bg':>7}{'fg+rnd':>8}{'1cls':>6}"
+    w = max([10, *(len(name) + 1 for name in report["variants"])])  # the row names' column
+    head = (f"{'variant':<{w}}{'F1 val':>7}{'CAM':>7}{'PAR':>7}{'AFA':>7}{'bg':>7}{'fg+rnd':>8}{'1cls':>6}"
             f"{'seg':>7}{'bg':>7}{'fg+rnd':>8}{'1cls':>6}{'wall s':>8}{'load':>11}")
-    group = f"{'':<18}{' pseudo labels on train, mIoU % ':-^41}{' seg head on val, mIoU % ':-^28}"
+    group = f"{'':<{w + 8}}{' pseudo labels on train, mIoU % ':-^41}{' seg head on val, mIoU % ':-^28}"
     overrides = " ".join(report["overrides"]) or "none"
     lines = [(f"bench/quality.py: configs/demo.yaml from scratch, overrides: {overrides}; "
               f"{report['cpus']} CPUs, load average {start[0]:.2f} / {start[1]:.2f} / {start[2]:.2f} "
               f"(1 / 5 / 15 min) at the start, {end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f} at the end"),
              group, head, "-" * len(head)]
     for name, v in _grouped(report, lines, "{:-^" + str(len(head)) + "}"):
-        load = f"{v['load']['mean']:.1f}/{v['load']['max']:.1f}"
+        load = f"{_num(v['load']['mean'])}/{_num(v['load']['max'])}"
         if "result" not in v:
-            lines.append(f"{name:<10}  failed: {v['error']}")
+            lines.append(f"{name:<{w}}  failed: {v['error']}")
             continue
         r = v["result"]
         rows, base, single = r["rows"], r["baselines"], v["single_class_share"]
         lines.append(
-            f"{name:<10}{_num(r['classifier']['macro_f1'], digits=3):>7}{_num(rows['cam']):>7}{_num(rows['par']):>7}"
+            f"{name:<{w}}{_num(r['classifier']['macro_f1'], digits=3):>7}{_num(rows['cam']):>7}{_num(rows['par']):>7}"
             f"{_num(rows['afa']):>7}{_num(base['train']['all_background']):>7}"
             f"{_num(base['train']['random_class']) + '*':>8}{_num(single['train'], 100, 0) + '%':>6}"
             f"{_num(rows['seg']):>7}{_num(base['val']['all_background']):>7}"
@@ -380,7 +381,9 @@ def format_table(report: dict[str, Any]) -> str:
                                                for name, v in report["variants"].items() if "multi_object" in v)
             + ".")] if crf else []),
         "  Targets (seg without CRF):",
-        (f"  F1 >= {TARGET_F1}; PAR and seg >= bg + {TARGET_ABOVE_BG:.0f}; PAR and seg above fg+rnd on these images."),
+        *(f"  {group}: F1 >= {f1}; PAR and seg >= bg + {above:.0f}"
+          + ("; PAR and seg above fg+rnd on these images." if fg_rnd else ".")
+          for group, (f1, above, fg_rnd) in TARGETS.items()),
         "",
         f"{'classification loss':<22}{'first':>16}{'min':>16}{'last':>16}   (iteration: logged mean)",
     ]
@@ -454,10 +457,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{i}/{len(args.variants)}] {name}: {entry['wall_s']:.0f} s, {done}; "
               f"load average {os.getloadavg()[0]:.2f}", flush=True)
     report["loadavg_end"] = list(os.getloadavg())
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(to_json(report, indent=1))  # first: the runs are not lost if the table fails
     text = format_table(report)
     report["table"] = text
     print(text, flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(to_json(report, indent=1))
     return report
 
