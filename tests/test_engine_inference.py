@@ -3,6 +3,7 @@ on a tiny demo dataset: files, restart, probabilities, CRF, test-server layout, 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -169,9 +170,12 @@ def test_validate_reports_cam_afa_seg_and_restores_training_mode(setup):
     _, _, cfg, network = setup
     dataset = build_dataset(cfg.data, "val", train=False, long_side=None)
     network.train()
-    results = validate(network, dataset, cfg, "cpu", limit=2)
-    assert set(results) == {"cam", "afa", "seg", "par"}
+    results = validate(network, dataset, cfg, "cpu", limit=2, prior_frequencies=[0.5] * (dataset.num_classes - 1))
+    assert set(results) == {"cam", "afa", "seg", "par", "cls"}
+    cls = results.pop("cls")
     assert all(r["num_images"] == 2 and 0 <= r["miou"] <= 100 for r in results.values())
+    assert cls["num_images"] == 2 and 0 <= cls["macro_f1"] <= 1 and cls["loss"] > 0
+    assert cls["prior_loss"] == pytest.approx(math.log(2))  # frequencies 0.5: log 2 whatever the labels
     assert network.training
 
 

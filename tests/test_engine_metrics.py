@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsss.engine.metrics import ConfusionMatrix, format_table, to_json
+from wsss.engine.metrics import ConfusionMatrix, ImageScores, format_table, to_json
 
 # 4 classes; class 3 appears in neither ground truth nor prediction.
 GT = np.array([[0, 0, 1, 1],
@@ -150,3 +150,65 @@ def test_json_writes_the_iou_of_an_absent_class_as_null():
     data = json.loads(to_json(cm.compute()))  # strict JSON: NaN would not be valid
     assert data["iou"][3] is None
     assert data["iou"][:3] == pytest.approx(EXPECTED_IOU)
+
+
+# --------------------------------------------------------------------------- image-level scores
+
+
+def _scores_data(seed=0, n=40, k=4):
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, k, generator=g) < torch.tensor([0.2, 0.4, 0.6, 0.5])).float()
+    logits = 2.5 * (labels - 0.5) + 1.5 * torch.randn(n, k, generator=g)  # informative, with errors
+    return logits, labels
+
+
+def test_image_scores_f1_and_loss_match_sklearn_and_the_training_loss():
+    from sklearn.metrics import f1_score
+
+    from wsss.method.losses import classification_loss
+
+    logits, labels = _scores_data()
+    scores = ImageScores(4)
+    scores.update(logits, labels)
+    result = scores.compute()
+    pred = (logits.sigmoid() > 0.5).numpy()
+    assert result["macro_f1"] == pytest.approx(f1_score(labels.numpy(), pred, average="macro"), rel=1e-12)
+    assert result["micro_f1"] == pytest.approx(f1_score(labels.numpy(), pred, average="micro"), rel=1e-12)
+    np.testing.assert_allclose(result["per_class_f1"], f1_score(labels.numpy(), pred, average=None), rtol=1e-12)
+    assert result["loss"] == pytest.approx(classification_loss(logits, labels).item(), rel=1e-6)
+    np.testing.assert_allclose(result["label_frequency"], labels.double().mean(0).numpy(), rtol=1e-12)
+    assert result["num_images"] == 40 and "prior_loss" not in result
+    assert 0.5 < result["macro_f1"] < 0.95  # neither trivial end
+
+
+def test_image_scores_accumulate_one_image_at_a_time_like_one_batch():
+    logits, labels = _scores_data(1)
+    whole, single = ImageScores(4), ImageScores(4)
+    whole.update(logits, labels)
+    for x, y in zip(logits, labels):  # [K] each, as validation feeds them
+        single.update(x, y)
+    a, b = whole.compute([0.3, 0.3, 0.3, 0.3]), single.compute([0.3, 0.3, 0.3, 0.3])
+    assert a["per_class_f1"] == pytest.approx(b["per_class_f1"], rel=1e-12)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert a["prior_loss"] == pytest.approx(b["prior_loss"], rel=1e-12)
+
+
+def test_image_scores_prior_loss_is_the_loss_of_constant_logits_at_the_given_frequencies():
+    import torch.nn.functional as F
+
+    logits, labels = _scores_data(2)
+    scores = ImageScores(4)
+    scores.update(logits, labels)
+    f = torch.tensor([0.25, 0.5, 0.5, 0.4], dtype=torch.float64)
+    direct = F.multilabel_soft_margin_loss(torch.logit(f).expand(len(labels), -1), labels.double()).item()
+    assert scores.compute(f.tolist())["prior_loss"] == pytest.approx(direct, rel=1e-9)
+
+
+def test_image_scores_of_a_class_never_present_nor_predicted_is_nan_and_left_out():
+    scores = ImageScores(3)
+    scores.update(torch.tensor([[4.0, -4.0, -4.0], [-4.0, -4.0, 3.0]]), torch.tensor([[1, 0, 0], [0, 0, 1]]))
+    result = scores.compute()
+    assert result["per_class_f1"][0] == 1.0 and math.isnan(result["per_class_f1"][1])
+    assert result["macro_f1"] == 1.0
+    empty = ImageScores(3).compute([0.5, 0.5, 0.5])
+    assert empty["num_images"] == 0 and math.isnan(empty["loss"]) and math.isnan(empty["macro_f1"])

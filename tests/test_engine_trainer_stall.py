@@ -1,6 +1,6 @@
 """The stalled-learning warning (train.stall_check_iter, train.stall_ratio): the label prior loss, the one
-warning and metrics.jsonl record of a run whose classification loss stays at the prior (train.lr=0), none on a
-run of the demo recipe that learns, none again after a resume."""
+warning and metrics.jsonl record of a run whose classification loss stays at the prior (train.lr=0), on the
+training batches or on val, none on a run of the demo recipe that learns, none again after a resume."""
 
 from __future__ import annotations
 
@@ -106,6 +106,53 @@ def test_a_run_that_cannot_learn_warns_once_with_what_to_try_and_records_it(demo
     assert (work / "train.log").read_text().count(WARNING) == 1
 
 
+def test_the_prior_of_other_frequencies_is_the_loss_of_constant_logits_at_them():
+    """What the training split's frequencies score on another split (the validation side of the check)."""
+    rng = np.random.default_rng(1)
+    labels = (rng.random((29, 4)) < [0.2, 0.4, 0.6, 0.8]).astype(np.float32)
+    f = np.array([0.3, 0.3, 0.5, 0.9])
+    logits = torch.logit(torch.from_numpy(f)).expand(len(labels), -1)
+    direct = F.multilabel_soft_margin_loss(logits, torch.from_numpy(labels).double()).item()
+    assert label_prior_loss(labels, f) == pytest.approx(direct, rel=1e-12)
+    assert label_prior_loss(labels, f) > label_prior_loss(labels)  # the split's own frequencies are the best guess
+    assert label_prior_loss(labels, labels.mean(0)) == pytest.approx(label_prior_loss(labels), rel=1e-6)
+    assert np.isfinite(label_prior_loss(labels, [0.0, 1.0, 0.5, 0.5]))  # a frequency of 0 or 1 is clipped
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_validation_loss_at_the_prior_warns_once_on_the_val_split(tiny_config, tmp_path):
+    """train.lr=0, a validation at iteration 4 and the first loss check at 8: the validation side warns first,
+    against what the training frequencies score on val, and the training side does not warn again. 24 val
+    images: on a handful, the training split's frequencies can be a worse guess than the untrained network's."""
+    from wsss.data.demo import build_demo_dataset
+
+    data = build_demo_dataset(tmp_path / "data", num_classes=3, image_size=64, num_train=16, num_val=24)
+    work = tmp_path / "run"
+    cfg = tiny_config(f"data.root={data}", f"train.work_dir={work}", "train.lr=0", "afa.radius=2",
+                      "train.iterations=8", "train.log_interval=8", "train.stall_check_iter=4",
+                      "train.val_interval=4", "train.ckpt_interval=100", "train.image_log_interval=0")
+    train_labels = build_dataset(cfg.data, cfg.data.train_split, train=False).image_labels
+    val_labels = build_dataset(cfg.data, cfg.data.val_split, train=False).image_labels
+    prior = label_prior_loss(val_labels, np.asarray(train_labels, dtype=np.float64).mean(0))
+    summary = train(cfg)
+    assert summary["stall_warned"] == 4
+
+    (stalled,) = records(work, "stalled")
+    val_at_4 = next(r for r in records(work, "val") if r["iteration"] == 4)["classifier"]
+    assert stalled["split"] == "val" and stalled["iteration"] == 4 and stalled["num_images"] == len(val_labels)
+    assert stalled["cls_loss"] == pytest.approx(val_at_4["loss"])
+    assert stalled["prior_loss"] == pytest.approx(prior) == pytest.approx(val_at_4["prior_loss"])
+    assert stalled["ratio"] > 0.9
+    assert records(work, "train")[-1]["losses"]["cls"] > 0.9 * label_prior_loss(train_labels)  # stalled there too
+
+    log = (work / "train.log").read_text()
+    assert log.count(WARNING) == 1
+    line = next(t for t in log.splitlines() if WARNING in t)
+    assert "on 'val' (24 images)" in line and "memorises" in line and "train.iterations" in line
+    assert "model.pretrained=hub" in line and f"{prior:.4f}" in line
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_the_check_switched_off_never_warns(demo_data_3cls, tiny_config, tmp_path):
@@ -125,7 +172,7 @@ def test_the_demo_recipe_that_learns_does_not_warn(demo_data_3cls, tmp_path):
     work = tmp_path / "run"
     cfg = load_config("demo", [
         f"data.root={demo_data_3cls}", f"train.work_dir={work}", "data.crop_size=64", "data.num_workers=0",
-        "train.iterations=100", "train.cam_iters=100", "train.val_interval=0", "train.log_interval=20",
+        "train.iterations=100", "train.cam_iters=100", "train.val_interval=100", "train.log_interval=20",
         "train.ckpt_interval=100", "train.precision=fp32", "train.device=cpu", "train.image_log_interval=0",
         "train.stall_check_iter=60",
     ])
@@ -138,3 +185,5 @@ def test_the_demo_recipe_that_learns_does_not_warn(demo_data_3cls, tmp_path):
     cls = {r["iteration"]: r["losses"]["cls"] for r in records(work, "train")}
     assert cls[20] > 0.9 * prior  # it starts at the prior: the same check at iteration 20 would have warned
     assert all(cls[i] < 0.9 * prior for i in (60, 80, 100)), (prior, cls)
+    (val,) = [r["classifier"] for r in records(work, "val") if r["iteration"] == 100]
+    assert val["loss"] < 0.9 * val["prior_loss"], val  # the validation side checked it too, and it generalises

@@ -17,8 +17,9 @@ radius 8):
   classification / seg / affinity / dense-energy losses; at a warm-up, a PAR-label and an AFA-label iteration,
   with the SegFormer head and the mask decoder;
 - ``build_optimizer`` + ``build_scheduler``: the fused AdamW step and the schedule on stand-in gradients;
-- validation's network and label part (``_validation_maps``: seg, CAM, random walk, PAR), the background
-  threshold sweep (``cam_labels_per_bg_threshold``) and the confusion matrix's update on the device;
+- validation's network and label part (``_validation_maps``: seg, CAM, random walk, PAR, the image logits and
+  their ``ImageScores``), the background threshold sweep (``cam_labels_per_bg_threshold``) and the confusion
+  matrix's update on the device;
 - ``Segmenter.to`` and ``Segmenter._probs`` (the network part of ``predict``) for seg, cam and afa, msc.
 
 Not covered, and why:
@@ -54,7 +55,7 @@ from torch.utils._pytree import tree_leaves
 
 from wsss.engine import trainer
 from wsss.engine.inference import _validation_maps, cam_labels_per_bg_threshold
-from wsss.engine.metrics import ConfusionMatrix
+from wsss.engine.metrics import ConfusionMatrix, ImageScores
 from wsss.engine.runtime import autocast
 from wsss.engine.schedule import build_scheduler
 from wsss.method import affinity, par
@@ -218,9 +219,13 @@ def test_validation_maps_on_cuda(small_voc_config):
         network.to(CUDA)
         x, label = image.to(CUDA), torch.eye(20)[3].to(CUDA)
         with torch.inference_mode(), autocast(CUDA, cfg.train.precision):
-            maps = _validation_maps(network, x, label, (80, 100), cfg)
+            maps, cls_logits = _validation_maps(network, x, label, (80, 100), cfg)
             sweep = cam_labels_per_bg_threshold(network, x, label, cfg, "afa", [0.3, 0.4], True, (80, 100))
         assert_on_cuda(maps, "validation maps")
+        assert_on_cuda(cls_logits, "validation image logits")
+        scores = ImageScores(NUM_CLASSES - 1, device=CUDA)
+        scores.update(cls_logits, label)
+        assert_on_cuda(scores._sums, "image scores")
         assert_on_cuda(sweep, "threshold sweep")
         mask = torch.zeros(80, 100, dtype=torch.long).to(CUDA)
         cm = ConfusionMatrix(NUM_CLASSES, device=CUDA)
@@ -229,7 +234,7 @@ def test_validation_maps_on_cuda(small_voc_config):
         assert_on_cuda(cm.matrix, "confusion matrix")
     assert set(maps) == {"seg", "cam", "afa", "par"}
     assert all(m.shape == (80, 100) and m.dtype == torch.long for m in maps.values())
-    assert sweep.shape == (2, 80, 100)
+    assert sweep.shape == (2, 80, 100) and cls_logits.shape == (1, 20)
 
 
 @pytest.mark.parametrize("target", ["seg", "cam", "afa"])

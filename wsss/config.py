@@ -145,12 +145,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # seed of the weights, the augmentation and drop-path (a resumed run continues exactly)
     log_interval: int = 50  # iterations between loss lines in train.log / metrics.jsonl
-    # Stalled-learning check: from this iteration on, at each log interval, the interval's mean classification
-    # loss is compared with stall_ratio x the label prior loss (that of predicting each class's training frequency
-    # for every image); the first time it is above, one warning and a {"kind": "stalled"} record in metrics.jsonl.
-    # -1 = auto: warmup_iters + 500 (voc / coco 2000, demo 600); 0 = never.
+    # Stalled-learning check: from this iteration on, the mean classification loss of each log interval and that
+    # on val at each validation are compared with stall_ratio x the loss of predicting each class's training
+    # frequency for every image; the first time one is above, one warning and a {"kind": "stalled"} record in
+    # metrics.jsonl. -1 = auto: warmup_iters + 500 (voc / coco 2000, demo 600); 0 = never.
     stall_check_iter: int = -1
-    stall_ratio: float = 0.9  # stall_check_iter warns while the mean cls loss > stall_ratio x the label prior loss
+    stall_ratio: float = 0.9  # stall_check_iter warns while a cls loss > stall_ratio x the label prior's loss
     val_interval: int = 2000  # iterations between validations (and one at the end); 0 = no validation
     ckpt_interval: int = 1000  # iterations between writes of last.pt (and one at the end)
     keep_checkpoints: int = 0  # also keep the last N interval checkpoints (iter_<N>.pt) besides last.pt / best.pt

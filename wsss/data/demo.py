@@ -121,15 +121,7 @@ class DemoOptions:
             raise WsssError(f"digits must be {self.num_classes} distinct values in 0..9, got {list(digits)}")
         if self.image_size < 16:
             raise WsssError(f"image_size must be at least 16 pixels, got {self.image_size}")
-        if self.num_train < 1 or self.num_val < 1:
-            raise WsssError(f"num_train and num_val must be positive, got {self.num_train} and {self.num_val}")
-        size = tuple(float(v) for v in self.object_size)
-        if len(size) != 2 or not 0 < size[0] <= size[1] <= 1:
-            raise WsssError(f"object_size must be (low, high) with 0 < low <= high <= 1, got {tuple(self.object_size)}")
-        count = tuple(int(v) for v in self.objects_per_image)
-        if len(count) != 2 or not 1 <= count[0] <= count[1]:
-            raise WsssError(f"objects_per_image must be (low, high) with 1 <= low <= high, "
-                            f"got {tuple(self.objects_per_image)}")
+        size, count = check_counts(self.num_train, self.num_val, self.object_size, self.objects_per_image)
         if not 0 <= self.stroke_dilation < 0.5:
             raise WsssError(f"stroke_dilation must be in [0, 0.5), got {self.stroke_dilation}")
         if not 0 <= self.gray_contrast <= 127:
@@ -155,6 +147,21 @@ class DemoOptions:
         if not self.grayscale:
             del out["gray_contrast"]  # it changes nothing in colour
         return out
+
+
+def check_counts(num_train: int, num_val: int, object_size: Sequence[float],
+                 objects_per_image: Sequence[int]) -> tuple[tuple[float, float], tuple[int, int]]:
+    """Validate the split sizes and object ranges a generator's options share -> (object_size, objects_per_image)
+    as a float and an int pair; a bad value is a WsssError naming the option."""
+    if num_train < 1 or num_val < 1:
+        raise WsssError(f"num_train and num_val must be positive, got {num_train} and {num_val}")
+    size = tuple(float(v) for v in object_size)
+    if len(size) != 2 or not 0 < size[0] <= size[1] <= 1:
+        raise WsssError(f"object_size must be (low, high) with 0 < low <= high <= 1, got {tuple(object_size)}")
+    count = tuple(int(v) for v in objects_per_image)
+    if len(count) != 2 or not 1 <= count[0] <= count[1]:
+        raise WsssError(f"objects_per_image must be (low, high) with 1 <= low <= high, got {tuple(objects_per_image)}")
+    return size, count
 
 
 # The family of harder demo datasets (bench/quality.py trains the demo recipe on each): the

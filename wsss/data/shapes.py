@@ -36,6 +36,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wsss.data.demo import check_counts
 from wsss.errors import WsssError
 from wsss.files import atomic_dir
 
@@ -87,15 +88,7 @@ class ShapesOptions:
             raise WsssError(f"num_classes must be between 1 and {len(SHAPE_NAMES)} (shapes), got {self.num_classes}")
         if self.image_size < 32:
             raise WsssError(f"image_size must be at least 32 pixels, got {self.image_size}")
-        if self.num_train < 1 or self.num_val < 1:
-            raise WsssError(f"num_train and num_val must be positive, got {self.num_train} and {self.num_val}")
-        size = tuple(float(v) for v in self.object_size)
-        if len(size) != 2 or not 0 < size[0] <= size[1] <= 1:
-            raise WsssError(f"object_size must be (low, high) with 0 < low <= high <= 1, got {tuple(self.object_size)}")
-        count = tuple(int(v) for v in self.objects_per_image)
-        if len(count) != 2 or not 1 <= count[0] <= count[1]:
-            raise WsssError(f"objects_per_image must be (low, high) with 1 <= low <= high, "
-                            f"got {tuple(self.objects_per_image)}")
+        size, count = check_counts(self.num_train, self.num_val, self.object_size, self.objects_per_image)
         fills = tuple(str(f) for f in self.fills)
         if not fills or any(f not in FILLS for f in fills):
             raise WsssError(f"fills must be a non-empty list of {', '.join(FILLS)}, got {list(self.fills)}")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from wsss.config import Config, load_config
-from wsss.engine.metrics import ConfusionMatrix
+from wsss.engine.metrics import ConfusionMatrix, ImageScores
 from wsss.models.weights import RANDOM_INIT
 
 logger = logging.getLogger(__name__)
@@ -58,29 +58,22 @@ def baseline_mious(cfg: Config, split: str, seed: int = BASELINE_SEED) -> dict[s
     return {"all_background": background.compute()["miou"], "random_class": random_class.compute()["miou"]}
 
 
-def classifier_f1(checkpoint: str | Path, cfg: Config, split: str) -> dict[str, float]:
-    """Image-level F1 (sigmoid > 0.5) on ``split``: macro (mean of per-class F1) and micro."""
+def classifier_f1(checkpoint: str | Path, cfg: Config, split: str) -> dict[str, Any]:
+    """Image-level scores on ``split`` (sigmoid > 0.5; :class:`wsss.engine.metrics.ImageScores`): "macro_f1"
+    (mean of per-class F1), "micro_f1", "per_class_f1", "loss" (the classification loss)."""
     from wsss.data.datasets import build_dataset
     from wsss.engine.checkpoint import load_network
 
     network, _, _ = load_network(checkpoint, "cpu")
     dataset = build_dataset(cfg.data, split, train=False, long_side=cfg.eval.long_side)
-    k = dataset.num_classes - 1
-    tp, fp, fn = np.zeros(k), np.zeros(k), np.zeros(k)
+    scores = ImageScores(dataset.num_classes - 1, threshold=CLASSIFIER_THRESHOLD)
     with torch.inference_mode():
         for i in range(len(dataset)):
             item = dataset[i]
-            logits = network(item["image"][None], with_seg=False, with_affinity=False).cls_logits[0]
-            pred = (logits.sigmoid() > CLASSIFIER_THRESHOLD).numpy()
-            truth = item["label"].numpy() > 0
-            tp += pred & truth
-            fp += pred & ~truth
-            fn += ~pred & truth
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per_class = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
-    micro = 2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)
-    return {"macro_f1": float(np.nanmean(per_class)), "micro_f1": float(micro),
-            "per_class_f1": [float(v) for v in per_class]}
+            scores.update(network(item["image"][None], with_seg=False, with_affinity=False).cls_logits,
+                          item["label"])
+    result = scores.compute()
+    return {k: result[k] for k in ("macro_f1", "micro_f1", "per_class_f1", "loss")}
 
 
 def native_bf16(device: str) -> bool:

@@ -39,7 +39,7 @@ from wsss.config import Config
 from wsss.data.io import read_label_png
 from wsss.data.transforms import denormalize
 from wsss.engine.distributed import barrier, joined, rank_and_world, sum_over_ranks
-from wsss.engine.metrics import ConfusionMatrix
+from wsss.engine.metrics import ConfusionMatrix, ImageScores
 from wsss.engine.runner import (
     crf_pool, load_for_inference, run_over_split, save_label, save_npy, to_float16, to_label,
 )
@@ -261,23 +261,28 @@ def validation_subset(size: int, limit: int) -> list[int]:
 
 
 def _validation_maps(net: nn.Module, image: Tensor, label: Tensor, out_size: Sequence[int],
-                     cfg: Config) -> dict[str, Tensor]:
-    """The label maps [H0, W0] that :func:`validate` scores, for one image [1, 3, h, w] at its own size."""
-    seg = predict_seg(net, image, [1.0], flip=False, out_size=out_size)
+                     cfg: Config) -> tuple[dict[str, Tensor], Tensor]:
+    """What :func:`validate` scores, for one image [1, 3, h, w] at its own size: the label maps [H0, W0] and the
+    image-level logits [1, K] of the plain forward."""
+    out = net(image, with_seg=True, with_affinity=False)  # predict_seg at one scale without flip, + the classifier
+    seg = resize(out.seg_logits.float(), out_size)[0]
     # one multi-scale + flip CAM pass; the affinity of its scale-1 pass, which in eval mode is the plain forward
     probs = cam_probs(net, image, label, cfg, ("cam", "par", "rw"), True, out_size, affinity_scale=1.0)
     # max(...).indices = argmax(dim=0), faster on CPU
-    return {"seg": seg.max(dim=0).indices, "cam": probs["cam"].max(dim=0).indices,
+    maps = {"seg": seg.max(dim=0).indices, "cam": probs["cam"].max(dim=0).indices,
             "afa": probs["rw"].max(dim=0).indices, "par": probs["par"].max(dim=0).indices}
+    return maps, out.cls_logits
 
 
 def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device | str,
-             limit: int = 0) -> dict[str, dict[str, Any]]:
+             limit: int = 0, prior_frequencies: Sequence[float] | None = None) -> dict[str, dict[str, Any]]:
     """Validation mIoUs as the authors measure them, plus our PAR-refined CAM (docs/method.md, "Validation").
 
     ``dataset``: an eval dataset at the images' own size (``build_dataset(..., train=False,
     long_side=None)``). -> {"cam", "afa", "seg", "par"}: each ``ConfusionMatrix.compute()`` plus
-    ``num_images``; with ground-truth image labels, per image at its own size:
+    ``num_images``, and "cls": the classifier's ``ImageScores.compute()`` (loss, F1 at sigmoid > 0.5, the label
+    frequencies; with ``prior_frequencies``, e.g. the training split's class frequencies, the loss of predicting
+    them); with ground-truth image labels, per image at its own size:
 
     - cam: multi-scale + flip CAMs (``cam.scales``, ``cam.flip``), background score
       ``cam.bg_threshold_eval`` (0.45), no PAR;
@@ -294,22 +299,24 @@ def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device
     indices = validation_subset(len(dataset), limit)[rank::world]
     names = dataset.class_names
     matrices = {k: ConfusionMatrix(dataset.num_classes, device=device, class_names=names) for k in VAL_KEYS}
+    scores = ImageScores(dataset.num_classes - 1, device=device)
     net = unwrap(network)
     was_training = net.training
     net.eval()
 
-    def maps(item: dict[str, Any]) -> dict[str, Tensor]:
+    def maps(item: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
         image = item["image"][None].to(device, non_blocking=True)
         label = item["label"].to(device, non_blocking=True)
         return _validation_maps(net, image, label, item["mask"].shape, cfg)
 
     try:
         outputs = run_over_split(dataset, indices, maps, device, cfg.train.precision, num_workers=cfg.data.num_workers)
-        for item, predictions in tqdm(outputs, total=len(indices), desc="validation", unit="img", leave=False,
-                                      disable=rank != 0):
+        for item, (predictions, cls_logits) in tqdm(outputs, total=len(indices), desc="validation", unit="img",
+                                                    leave=False, disable=rank != 0):
             mask = item["mask"].to(device, non_blocking=True)
             for key, prediction in predictions.items():
                 matrices[key].update(prediction, mask)
+            scores.update(cls_logits, item["label"])
     finally:
         net.train(was_training)
     total = int(sum_over_ranks([len(indices)], device)[0])
@@ -317,6 +324,7 @@ def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device
     for key, cm in matrices.items():
         results[key] = cm.reduce_().compute()
         results[key]["num_images"] = total
+    results["cls"] = scores.reduce_().compute(prior_frequencies)
     return results
 
 

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from wsss.method.losses import classification_loss, label_prior_loss
+
 
 class ConfusionMatrix:
     """A C x C confusion matrix (rows ground truth, columns prediction) accumulated on a device.
@@ -168,6 +170,65 @@ class ConfusionMatrix:
             if len(names) != c:
                 raise ValueError(f"{len(names)} class names given for {c} classes")
             result["class_names"] = list(names)
+        return result
+
+
+class ImageScores:
+    """Image-level classification scores accumulated on a device: the classification loss and, at sigmoid >
+    ``threshold``, the per-class true / false positives and false negatives (the classifier's F1).
+
+    ``update`` adds images without a host synchronisation; ``reduce_`` sums over DDP ranks; ``compute``
+    reads the figures once. K = the foreground classes (a network's ``cls_logits`` width).
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | str | None = None, threshold: float = 0.5) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.threshold = threshold
+        # rows: tp, fp, fn, positives (images with the class), then the loss sum and the image count in column 0
+        self._sums = torch.zeros(6, num_classes, dtype=torch.float64, device=device)
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """logits [B, K] or [K] (any float dtype), labels the same shape, multi-hot."""
+        k = self.num_classes
+        logits = logits.reshape(-1, k).float()
+        truth = labels.reshape(-1, k).to(logits.device) > 0
+        pred = logits.sigmoid() > self.threshold
+        rows = torch.stack([pred & truth, pred & ~truth, ~pred & truth, truth]).sum(dim=1)
+        self._sums[:4] += rows.to(self._sums)
+        self._sums[4, 0] += classification_loss(logits, truth) * len(logits)  # the mean over the batch
+        self._sums[5, 0] += len(logits)
+
+    def reduce_(self) -> ImageScores:
+        """Sum over all ranks when torch.distributed is initialized (else no-op) -> self; a collective."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self._sums, op=dist.ReduceOp.SUM)
+        return self
+
+    def compute(self, prior_frequencies: Sequence[float] | None = None) -> dict[str, Any]:
+        """-> {"loss": mean classification loss, "macro_f1": mean of the per-class F1 of the classes that occur
+        or are predicted, "micro_f1", "per_class_f1" (NaN: neither), "label_frequency" (per class, the share of
+        images with it), "num_images"}; with ``prior_frequencies`` (e.g. the training split's) also "prior_loss":
+        the loss of constant predictions at those frequencies on these images
+        (:func:`wsss.method.losses.label_prior_loss`)."""
+        sums = self._sums.cpu().numpy()
+        tp, fp, fn, positives = sums[:4]
+        count = sums[5, 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_class = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+        micro = 2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)
+        frequency = positives / count if count > 0 else np.full(self.num_classes, np.nan)
+        result: dict[str, Any] = {
+            "loss": float(sums[4, 0] / count) if count > 0 else math.nan,
+            "macro_f1": float(np.nanmean(per_class)) if np.isfinite(per_class).any() else math.nan,
+            "micro_f1": float(micro),
+            "per_class_f1": [float(v) for v in per_class],
+            "label_frequency": [float(v) for v in frequency],
+            "num_images": int(count),
+        }
+        if prior_frequencies is not None:
+            result["prior_loss"] = label_prior_loss(frequency[None], prior_frequencies) if count > 0 else math.nan
         return result
 
 

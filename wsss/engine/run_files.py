@@ -31,10 +31,11 @@ class RunLogger:
 
     metrics.jsonl holds one JSON object per line: ``{"iteration", "kind": "train", "losses", "lr",
     "seconds", "iterations_per_s", "images_per_s"}`` per log interval and ``{"iteration", "kind": "val",
-    "miou": {...}, "per_class_iou": {...}}`` per validation (null for classes absent from both), and at most once
-    per run ``{"iteration", "kind": "stalled", "cls_loss", "prior_loss", "ratio", "stall_ratio", "window"}`` when
-    the classification loss has not left the label prior (``train.stall_check_iter``; ratio = cls_loss /
-    prior_loss, the mean over the last ``window`` iterations).
+    "miou": {...}, "per_class_iou": {...}, "classifier": {"loss", "prior_loss", "macro_f1", "micro_f1",
+    "per_class_f1"}}`` per validation (null for classes absent from both), and at most once per run
+    ``{"iteration", "kind": "stalled", "split", "cls_loss", "prior_loss", "ratio", "stall_ratio", ...}`` when the
+    classification loss has not left the label prior (``train.stall_check_iter``; ratio = cls_loss / prior_loss;
+    split "train": the mean over the last ``window`` iterations, "val": on ``num_images`` validation images).
     """
 
     def __init__(self, work_dir: Path, enabled: bool, total: int, start: int, cfg: Config | None = None) -> None:

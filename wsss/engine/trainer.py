@@ -18,8 +18,9 @@ Network passes run under ``wsss.engine.runtime.autocast`` (``train.precision`` b
 (GradScaler for fp16); everything after them (thresholds, PAR, random walk, losses) runs
 outside autocast in float32. No host synchronisation in the loop: losses are summed as
 tensors and read (``.item()``) only every ``train.log_interval`` iterations.
-At those log intervals, from ``train.stall_check_iter`` on, the mean classification loss is compared with
-the label prior's (:func:`wsss.method.losses.label_prior_loss`): one warning per run when learning has stalled.
+At those log intervals and at each validation, from ``train.stall_check_iter`` on, the classification loss
+(of the training batches; on val) is compared with the label prior's (:func:`wsss.method.losses.label_prior_loss`):
+one warning per run when learning has stalled.
 
 :func:`train` adds the rest: torchrun / DDP (:mod:`wsss.engine.distributed`), an infinite
 loader over epochs with exact mid-epoch resume (:mod:`wsss.engine.loader`), checkpoints
@@ -444,9 +445,10 @@ def stall_check_iteration(tc: Any) -> int | None:
     return tc.stall_check_iter
 
 
-def stall_message(cfg: Config, iteration: int, steps: int, cls_loss: float, prior: float) -> str:
+def stall_message(cfg: Config, iteration: int, loss_text: str, ratio: float, on_val: bool = False) -> str:
     """The one warning of a run whose classification loss has not left the label prior: what it means and
-    what to try."""
+    what to try. loss_text: which loss, its value and the prior it is compared with; on_val: a validation loss
+    (a training loss below its prior then means the classifier memorises its training images)."""
     from wsss.models.weights import RANDOM_INIT
 
     tc, cam = cfg.train, cfg.cam
@@ -454,16 +456,21 @@ def stall_message(cfg: Config, iteration: int, steps: int, cls_loss: float, prio
         weights = "pretrained weights (model.pretrained=hub or a weight file; this run starts from random init)"
     else:
         weights = f"other pretrained weights (model.pretrained={cfg.model.pretrained}: check that they loaded)"
+    if on_val:
+        meaning = ("the classifier has learned nothing that holds on images it did not train on (where its "
+                   "training loss is lower, it memorises the training images)")
+        more = "more training images or iterations (train.iterations), "
+    else:
+        meaning = "the classifier has not learned from the pixels"
+        more = ""
     return (
-        f"learning has stalled: at iteration {iteration} the classification loss (mean of the last {steps} "
-        f"iterations) is {cls_loss:.4f}, {cls_loss / prior:.2f} x the label prior {prior:.4f} (the loss of "
-        f"predicting each class's training frequency whatever the image), above train.stall_ratio="
-        f"{tc.stall_ratio:g}: the classifier has not learned from the pixels, and the CAMs, pseudo labels and "
-        f"seg head built on it learn nothing either. Try: a higher or lower learning rate (train.lr={tc.lr:g}), "
-        f"a longer or shorter warm-up (train.warmup_iters={tc.warmup_iters}), {weights}; once the classifier "
-        f"learns, the CAM labels' background thresholds (cam.bg_threshold_high={cam.bg_threshold_high:g}, "
-        f"cam.bg_threshold_low={cam.bg_threshold_low:g}, cam.bg_threshold_eval={cam.bg_threshold_eval:g}). "
-        f"Warned once per run; train.stall_check_iter=0 turns the check off."
+        f"learning has stalled: at iteration {iteration} {loss_text}, {ratio:.2f} x that, above train.stall_ratio="
+        f"{tc.stall_ratio:g}: {meaning}, and the CAMs, pseudo labels and seg head built on it learn nothing either. "
+        f"Try: {weights}, {more}a higher or lower learning rate (train.lr={tc.lr:g}), a longer or shorter warm-up "
+        f"(train.warmup_iters={tc.warmup_iters}); once the classifier learns, the CAM labels' background "
+        f"thresholds (cam.bg_threshold_high={cam.bg_threshold_high:g}, cam.bg_threshold_low={cam.bg_threshold_low:g}"
+        f", cam.bg_threshold_eval={cam.bg_threshold_eval:g}). Warned once per run; train.stall_check_iter=0 turns "
+        f"the check off."
     )
 
 
@@ -624,6 +631,7 @@ class _Run:
         # stalled-learning check: the label prior from the dataset's image labels (no pass over the images);
         # the iteration of the warning is kept in the checkpoint, so a resumed run that warned does not again
         self.prior_loss = label_prior_loss(self.dataset.image_labels)
+        self.train_frequency = np.asarray(self.dataset.image_labels, dtype=np.float64).mean(axis=0)
         self.stall_from = stall_check_iteration(tc) if self.prior_loss > 0 else None
         warned = ckpt.get("stall_warned") if ckpt is not None else None
         self.stall_warned: int | None = int(warned) if warned is not None else None
@@ -680,18 +688,36 @@ class _Run:
         }
 
     def check_stall(self, losses: dict[str, float], steps: int) -> None:
-        """At a log interval: one warning (train.log) and a metrics.jsonl record when the interval's mean
-        classification loss (all ranks', on the host already) is still above stall_ratio x the label prior."""
+        """At a log interval: the stalled-learning warning when the interval's mean classification loss (all
+        ranks', on the host already) is still above stall_ratio x the label prior."""
+        cls_loss = losses["cls"]
+        text = (f"the classification loss (mean of the last {steps} iterations) is {cls_loss:.4f}, against the "
+                f"label prior {self.prior_loss:.4f} (the loss of predicting each class's training frequency whatever "
+                f"the image)")
+        self._stalled(cls_loss, self.prior_loss, text, False, {"split": "train", "window": steps})
+
+    def check_val_stall(self, classifier: dict[str, Any]) -> None:
+        """After a validation: the stalled-learning warning when the classification loss on val is still above
+        stall_ratio x the loss there of predicting the training split's class frequencies."""
+        loss, prior = classifier["loss"], classifier.get("prior_loss", math.nan)
+        text = (f"the classification loss on '{self.cfg.data.val_split}' ({classifier['num_images']} images) is "
+                f"{loss:.4f}, against {prior:.4f} there for predicting each class's training frequency whatever "
+                f"the image")
+        self._stalled(loss, prior, text, True, {"split": "val", "num_images": classifier["num_images"]})
+
+    def _stalled(self, loss: float, prior: float, text: str, on_val: bool, record: dict[str, Any]) -> None:
+        """One warning (train.log) and a metrics.jsonl record per run, from iteration stall_from on, when
+        loss > train.stall_ratio x prior (the same figures on every rank: the checkpoints agree)."""
         it = self.iteration
-        if self.stall_warned is not None or self.stall_from is None or it < self.stall_from:
+        if self.stall_warned is not None or self.stall_from is None or it < self.stall_from or not prior > 0:
             return
-        cls_loss, ratio = losses["cls"], losses["cls"] / self.prior_loss
+        ratio = loss / prior
         if not ratio > self.cfg.train.stall_ratio:  # a NaN loss is no stall (it is another problem)
             return
-        self.stall_warned = it  # on every rank (the means are all-reduced): the checkpoints agree
-        self.logs.warning(stall_message(self.cfg, it, steps, cls_loss, self.prior_loss))
-        self.logs.metrics({"iteration": it, "kind": "stalled", "cls_loss": cls_loss, "prior_loss": self.prior_loss,
-                           "ratio": ratio, "stall_ratio": self.cfg.train.stall_ratio, "window": steps})
+        self.stall_warned = it
+        self.logs.warning(stall_message(self.cfg, it, text, ratio, on_val))
+        self.logs.metrics({"iteration": it, "kind": "stalled", "cls_loss": loss, "prior_loss": prior,
+                           "ratio": ratio, "stall_ratio": self.cfg.train.stall_ratio, **record})
 
     def save(self, name: str) -> None:
         """Checkpoint ``name`` in the work dir (every rank takes part in gathering the RNG states)."""
@@ -701,8 +727,9 @@ class _Run:
 
     def validate(self) -> None:
         """Validation now; a new best seg mIoU is kept as best.pt."""
-        self.last_val = _validate(self.network, self.val_dataset, self.cfg, self.ctx.device, self.logs,
-                                  self.iteration, self.cfg.data.val_limit)
+        self.last_val, classifier = _validate(self.network, self.val_dataset, self.cfg, self.ctx.device, self.logs,
+                                              self.iteration, self.cfg.data.val_limit, self.train_frequency)
+        self.check_val_stall(classifier)
         seg = self.last_val.get("seg", math.nan)
         if math.isfinite(seg) and seg > self.best_miou:
             self.best_miou = seg
@@ -758,7 +785,8 @@ class _Run:
         cfg, it = self.cfg, self.iteration
         if self.val_dataset is not None and cfg.data.val_limit > 0 and it == cfg.train.iterations and self.last_saved >= 0:
             # the subset served during training; the final model is scored on the whole split
-            _validate(self.network, self.val_dataset, cfg, self.ctx.device, self.logs, it, 0, "val_full")
+            _validate(self.network, self.val_dataset, cfg, self.ctx.device, self.logs, it, 0, self.train_frequency,
+                      "val_full")
         if self.last_saved != it:  # e.g. resumed at the end already
             self.save(LAST_NAME)
         du.barrier()
@@ -786,23 +814,31 @@ def _without_pretrained(cfg: Config) -> Config:
 
 
 def _validate(network: nn.Module, dataset: Dataset, cfg: Config, device: torch.device, logs: RunLogger,
-              iteration: int, limit: int, name: str = "val") -> dict[str, float]:
-    """Validation mIoUs (:func:`wsss.engine.inference.validate`, all ranks take part) on ``limit`` images
-    (0 = all), logged to TensorBoard / W&B (``<name>/<key>_miou``), train.log and metrics.jsonl."""
+              iteration: int, limit: int, train_frequency: np.ndarray,
+              name: str = "val") -> tuple[dict[str, float], dict[str, Any]]:
+    """Validation (:func:`wsss.engine.inference.validate`, all ranks take part) on ``limit`` images (0 = all),
+    logged to TensorBoard / W&B (``<name>/<key>_miou``, ``<name>/cls_loss``, ``<name>/cls_f1``), train.log and
+    metrics.jsonl -> (the mIoUs, the classifier's scores with "prior_loss": the loss of predicting
+    ``train_frequency``, the training split's class frequencies, on these images)."""
     from wsss.engine.inference import VAL_KEYS, validate
 
     with fork_rng(device):  # training RNG untouched
-        results = validate(network, dataset, cfg, device, limit)
+        results = validate(network, dataset, cfg, device, limit, train_frequency)
     network.train()
     mious = {k: _miou(results[k]) for k in VAL_KEYS if k in results}
-    logs.scalars({f"{name}/{k}_miou": v for k, v in mious.items()}, iteration)
+    cls = results["cls"]
+    logs.scalars({**{f"{name}/{k}_miou": v for k, v in mious.items()},
+                  f"{name}/cls_loss": cls["loss"], f"{name}/cls_f1": cls["macro_f1"]}, iteration)
     count = results[VAL_KEYS[0]]["num_images"]
-    logs.line(f"iter {iteration} {name} mIoU ({count} images) " + " ".join(f"{k} {v:.2f}" for k, v in mious.items()))
+    logs.line(f"iter {iteration} {name} mIoU ({count} images) " + " ".join(f"{k} {v:.2f}" for k, v in mious.items())
+              + f"; classifier loss {cls['loss']:.4f} (training frequencies {cls['prior_loss']:.4f}) "
+                f"macro F1 {cls['macro_f1']:.3f}")
     per_class = {k: dict(zip(results[k].get("class_names") or range(len(results[k]["iou"])), results[k]["iou"]))
                  for k in mious}
+    classifier = {k: cls[k] for k in ("loss", "prior_loss", "macro_f1", "micro_f1", "per_class_f1")}
     logs.metrics({"iteration": iteration, "kind": name, "num_images": count, "miou": mious,
-                  "per_class_iou": per_class})
-    return mious
+                  "per_class_iou": per_class, "classifier": classifier})
+    return mious, cls
 
 
 def _log_losses(logs: RunLogger, sums: dict[str, Tensor], steps: int, optimizer: torch.optim.Optimizer,

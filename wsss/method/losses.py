@@ -17,19 +17,23 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.multilabel_soft_margin_loss(logits, labels.to(logits.dtype))
 
 
-def label_prior_loss(image_labels: Any) -> float:
+def label_prior_loss(image_labels: Any, frequencies: Any = None) -> float:
     """The classification loss of the label prior: :func:`classification_loss` (mean over classes, then over
-    images) of the constant logits logit(p_k) for every image, p_k = the fraction of the images with class k.
+    images) of the constant logits logit(f_k) for every image.
 
-    image_labels: multi-hot [N, K] (array or tensor; a dataset's ``image_labels``) -> mean_k H(p_k), the binary
-    entropy H(p) = -[p log p + (1 - p) log(1 - p)], 0 for a class in no image or in all (its limit). What a
-    network that learned nothing from the pixels can reach; the trainer's stalled-learning check compares with it.
+    image_labels: multi-hot [N, K] (array or tensor; a dataset's ``image_labels``; or the per-class shares p_k
+    as one row [1, K]). frequencies: f_k [K], by default p_k = the fraction of the images with class k; then the
+    loss is mean_k H(p_k), the binary entropy H(p) = -[p log p + (1 - p) log(1 - p)], 0 for a class in no image
+    or in all (its limit): what a network that learned nothing from the pixels can reach on these images. Other
+    frequencies (another split's) give the cross-entropy -[p log f + (1 - p) log(1 - f)], f clipped to
+    [1e-6, 1 - 1e-6]: what that guess scores here. The trainer's stalled-learning check compares with both.
     """
     labels = torch.as_tensor(image_labels, dtype=torch.float64)
     if labels.ndim != 2 or labels.numel() == 0:
         return 0.0
     p = labels.mean(dim=0)
-    entropy = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
+    f = p if frequencies is None else torch.as_tensor(frequencies, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    entropy = -(torch.special.xlogy(p, f) + torch.special.xlogy(1 - p, 1 - f))
     return float(entropy.mean())
 
 
