@@ -1,0 +1,177 @@
+"""The official ToCo losses and crop mask against ``wsss.method.toco``, side by side on identical inputs.
+
+    python3 bench/toco_vs_official.py --official-dir /tmp/toco_official
+    python3 bench/toco_vs_official.py --official-dir /tmp/toco_official --repeats 20 --threads 2
+
+``--official-dir`` is a checkout of https://github.com/rulixiang/ToCo (not vendored, not a dependency: its
+``model/losses.py`` and ``utils/camutils.py`` are imported from there at run time). ``model/losses.py``
+imports the compiled ``bilateralfilter`` extension at module level for its dense-energy loss, which is not
+compared here: an empty stand-in module is registered under that name before the import.
+
+Compared, each on random inputs of the VOC recipe's shapes (448 crop, ViT-B/16: a 28 x 28 token grid, 768
+channels, batch 2, 20 classes; CTC: 10 crops, 1024-dimensional projections, temperature 0.5) and with
+seeds fixed:
+
+- the pair labels (``label_to_aff_mask`` / ``token_pair_labels``) of an auxiliary pseudo label with
+  background, two classes and ignored tokens, and the uncertain-region mask (``cam_to_roi_mask2`` /
+  ``uncertain_region_mask``, thresholds 0.7 / 0.25): equal element by element;
+- the PTC loss (``get_masked_ptc_loss`` / ``patch_token_contrast_loss``) and its gradient for the tokens;
+- the CTC loss (``CTCLoss_neg`` / ``class_token_contrast_loss``) and its gradients for student and teacher,
+  with some local crops flagged negative, none, or all.
+
+Losses and gradients are "same" within rtol 1e-5 / atol 1e-6 (float32); the script prints one line per
+quantity with the largest absolute difference, then the median time of each side's forward + backward over
+``--repeats`` runs and the load average. Exit status 1 if any quantity differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wsss.method.toco import (  # noqa: E402
+    class_token_contrast_loss,
+    patch_token_contrast_loss,
+    token_pair_labels,
+    uncertain_region_mask,
+)
+
+IGNORE = 255
+
+
+def load_official(official_dir: Path) -> tuple[types.ModuleType, types.ModuleType]:
+    """The official ``model/losses.py`` and ``utils/camutils.py`` as modules; exits with a message if absent."""
+    files = [official_dir / "model" / "losses.py", official_dir / "utils" / "camutils.py"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        sys.exit(f"error: --official-dir {official_dir} is not a checkout of rulixiang/ToCo: "
+                 f"missing {', '.join(missing)}")
+    sys.modules.setdefault("bilateralfilter", types.SimpleNamespace(bilateralfilter=None, bilateralfilter_batch=None))
+    modules = []
+    for name, path in zip(("toco_losses", "toco_camutils"), files):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules[0], modules[1]
+
+
+def compare(name: str, a: torch.Tensor, b: torch.Tensor, exact: bool = False) -> bool:
+    a, b = a.detach(), b.detach()
+    if exact:
+        same = a.shape == b.shape and bool((a.long() == b.long()).all())
+        diff = "equal" if same else f"{int((a.long() != b.long()).sum())} elements differ"
+    else:
+        same = a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+        diff = (f"max |diff| {(a.double() - b.double()).abs().max().item():.2e}" if a.shape == b.shape
+                else "shapes differ")
+    print(f"{name:<44} {'same' if same else 'DIFFERENT':<10} {diff}", flush=True)
+    return same
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--official-dir", type=Path, required=True, help="checkout of rulixiang/ToCo")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    losses, camutils = load_official(args.official_dir)
+    generator = torch.Generator().manual_seed(args.seed)
+    ok = True
+
+    # Pair labels from an auxiliary pseudo label: background, classes 3 and 7, ignored tokens.
+    b, c, h, w, k = 2, 768, 28, 28, 20
+    grid = torch.tensor([0, 3, 7, IGNORE])[torch.randint(0, 4, (b, h, w), generator=generator)]
+    ok &= compare("pair labels (label_to_aff_mask)", camutils.label_to_aff_mask(grid.clone(), IGNORE),
+                  token_pair_labels(grid), exact=True)
+
+    cams = torch.rand(b, k, h * 16, w * 16, generator=generator)
+    labels = (torch.rand(b, k, generator=generator) < 0.15).float()
+    labels[:, 0] = 1
+    ok &= compare("uncertain-region mask (cam_to_roi_mask2)",
+                  camutils.cam_to_roi_mask2(cams, labels, hig_thre=0.7, low_thre=0.25),
+                  uncertain_region_mask(cams, labels, high=0.7, low=0.25), exact=True)
+
+    tokens = torch.randn(b, c, h, w, generator=generator)
+    pair_labels = token_pair_labels(grid)
+
+    def ptc(fn):
+        x = tokens.clone().requires_grad_(True)
+        loss = fn(x, pair_labels)
+        loss.backward()
+        return loss, x.grad
+
+    official_ptc, ours_ptc = ptc(losses.get_masked_ptc_loss), ptc(patch_token_contrast_loss)
+    ok &= compare("PTC loss", official_ptc[0], ours_ptc[0])
+    ok &= compare("PTC d loss / d tokens", official_ptc[1], ours_ptc[1])
+
+    n_crops, dim, temperature = 10, 1024, 0.5
+    student = torch.nn.functional.normalize(torch.randn(n_crops * b, dim, generator=generator), dim=-1) * 2
+    teacher = torch.nn.functional.normalize(torch.randn(2 * b, dim, generator=generator), dim=-1) * 2
+    some = torch.ones(b, n_crops)
+    some[0, [3, 5, 6]] = 0
+    some[1, [2, 9]] = 0
+    none_negative = torch.ones(b, n_crops)
+    all_negative = torch.ones(b, n_crops)
+    all_negative[:, 2:] = 0
+    official_ctc = losses.CTCLoss_neg(ncrops=n_crops, temp=temperature)
+
+    def ctc(fn, flags):
+        s, t = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+        loss = fn(s, t, flags)
+        loss.backward()
+        return loss, s.grad, t.grad
+
+    for case, flags in (("some negative", some), ("no negative", none_negative), ("all local negative", all_negative)):
+        a = ctc(official_ctc, flags)
+        o = ctc(lambda s, t, f: class_token_contrast_loss(s, t, f, temperature), flags)
+        ok &= compare(f"CTC loss, {case}", a[0], o[0])
+        ok &= compare(f"CTC d loss / d student, {case}", a[1], o[1])
+        ok &= compare(f"CTC d loss / d teacher, {case}", a[2], o[2])
+
+    print(f"\nforward + backward, median of {args.repeats}, {args.threads} threads, CPU fp32:")
+    def official_ptc_with_labels(x, _):
+        return losses.get_masked_ptc_loss(x, camutils.label_to_aff_mask(grid.clone(), IGNORE))
+
+    def ours_ptc_with_labels(x, _):
+        return patch_token_contrast_loss(x, token_pair_labels(grid))
+
+    def ours_ctc(s, t, f):
+        return class_token_contrast_loss(s, t, f, temperature)
+
+    rows = (
+        ("pair labels + PTC", lambda: ptc(official_ptc_with_labels), lambda: ptc(ours_ptc_with_labels)),
+        ("CTC", lambda: ctc(official_ctc, some), lambda: ctc(ours_ctc, some)),
+    )
+    for name, official_fn, ours_fn in rows:
+        t_official, t_ours = median_seconds(official_fn, args.repeats), median_seconds(ours_fn, args.repeats)
+        print(f"{name:<20} official {t_official * 1e3:8.2f} ms   ours {t_ours * 1e3:8.2f} ms   "
+              f"ratio {t_official / t_ours:5.2f}x   load {os.getloadavg()[0]:.2f}", flush=True)
+    print("\nall same" if ok else "\nsome quantities DIFFER")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

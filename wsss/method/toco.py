@@ -1,0 +1,79 @@
+"""Token contrast (ToCo, Ru et al., CVPR 2023): the patch-token and class-token contrast losses and the
+uncertain-region mask that places its local crops.
+
+- ``token_pair_labels`` + ``patch_token_contrast_loss`` (PTC): pairs of an intermediate block's patch tokens
+  labelled by the auxiliary CAM's pseudo label (1 same class, 0 different, ignore where either token is
+  ignored and on the diagonal; every pair of the grid, no window), loss on the absolute cosine similarity:
+  0.5 (1 - sum_{Y=1} |cos| / (n_pos + 1)) + 0.5 sum_{Y=0} |cos| / (n_neg + 1), counts over the batch.
+- ``uncertain_region_mask``: the auxiliary CAM's max over the image's classes, 0 at or below ``low``, 2 at or
+  above ``high``, 1 between (the uncertain region the local crops are drawn from).
+- ``class_token_contrast_loss`` (CTC): the projected class tokens of the 2 global views (teacher) against
+  those of all crops (student), an InfoNCE in which every crop flagged positive is a positive and the
+  crops flagged negative (mostly certain region) the negatives.
+
+These are the official code's formulas (``model/losses.py``, ``utils/camutils.py`` of rulixiang/ToCo), written
+for the batch at once; CTC is evaluated in log space (same value, no overflow of exp(logit / temp)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wsss.method.affinity import affinity_labels
+
+
+def token_pair_labels(label_grid: Tensor, ignore_index: int = 255) -> Tensor:
+    """label_grid long [B, h, w] -> pair labels long [B, N, N]: 1 same label, 0 different, ignore_index where
+    l_i or l_j is ignored and on the diagonal (a token is not its own pair)."""
+    b, h, w = label_grid.shape
+    labels = affinity_labels(label_grid, radius=max(h, w), ignore_index=ignore_index)
+    labels.diagonal(dim1=1, dim2=2).fill_(ignore_index)
+    return labels
+
+
+def patch_token_contrast_loss(tokens: Tensor, pair_labels: Tensor) -> Tensor:
+    """tokens [B, C, h, w], pair_labels [B, N, N] (``token_pair_labels``) -> scalar PTC loss."""
+    b, c, h, w = tokens.shape
+    x = F.normalize(tokens.float().reshape(b, c, h * w), p=2, dim=1, eps=1e-8)
+    similarity = torch.bmm(x.transpose(1, 2), x).abs()
+    positive = pair_labels == 1
+    negative = pair_labels == 0
+    pos_term = 1 - (similarity * positive).sum() / (positive.sum() + 1)
+    neg_term = (similarity * negative).sum() / (negative.sum() + 1)
+    return 0.5 * pos_term + 0.5 * neg_term
+
+
+def uncertain_region_mask(cams: Tensor, labels: Tensor, high: float, low: float) -> Tensor:
+    """cams [B, K, H, W] (foreground classes), labels multi-hot [B, K] -> int16 [B, H, W]: 0 where the max CAM
+    of the image's classes is <= low, 2 where it is >= high, 1 between."""
+    value = (cams * labels[:, :, None, None].to(cams.dtype)).amax(dim=1)
+    mask = torch.ones_like(value, dtype=torch.int16)
+    mask = mask.masked_fill(value <= low, 0)
+    return mask.masked_fill(value >= high, 2)
+
+
+def class_token_contrast_loss(student: Tensor, teacher: Tensor, flags: Tensor, temperature: float) -> Tensor:
+    """student [n_crops * B, D] (crop-major: all images' crop 0, then crop 1, ...; crops 0 and 1 the global
+    views), teacher [2 * B, D] (the global views), flags [B, n_crops] (1 positive, 0 negative) -> scalar.
+
+    With a_tj = <teacher_t, student_j> / temperature and S_t = sum over negative crops of exp(a_tj) + 1e-4, an
+    image's loss is [sum_t sum_{positive j} -log(exp(a_tj) / (exp(a_tj) + S_t)) + sum_t log(1 + S_t)]
+    / 2 / (n_positive + 1e-4); the batch mean of that.
+    """
+    b = flags.shape[0]
+    n_crops = flags.shape[1]
+    s = student.float().reshape(n_crops, b, -1).transpose(0, 1)  # [B, n_crops, D]
+    t = teacher.float().reshape(2, b, -1).transpose(0, 1)  # [B, 2, D]
+    logits = torch.bmm(t, s.transpose(1, 2)) / temperature  # [B, 2, n_crops]
+    positive = (flags != 0)[:, None, :]
+    eps = torch.full_like(logits[..., :1], 1e-4).log()
+    log_s = torch.cat([logits.masked_fill(positive, float("-inf")), eps], dim=-1).logsumexp(dim=-1, keepdim=True)
+    pos_terms = (torch.logaddexp(logits, log_s) - logits).masked_fill(~positive, 0).sum(dim=(1, 2))
+    extra = F.softplus(log_s).sum(dim=(1, 2))  # log(1 + S_t)
+    n_positive = positive.sum(dim=(1, 2)).to(logits.dtype)
+    return ((pos_terms + extra) / 2 / (n_positive + 1e-4)).mean()
+
+
+__all__ = ["class_token_contrast_loss", "patch_token_contrast_loss", "token_pair_labels", "uncertain_region_mask"]
