@@ -15,6 +15,9 @@ seeds fixed:
 - the pair labels (``label_to_aff_mask`` / ``token_pair_labels``) of an auxiliary pseudo label with
   background, two classes and ignored tokens, and the uncertain-region mask (``cam_to_roi_mask2`` /
   ``uncertain_region_mask``, thresholds 0.7 / 0.25): equal element by element;
+- the 8 local crops of 96 pixels and their flags (``crop_from_roi_neg`` / ``local_crops``) at the corners the
+  official code draws (its global-RNG draw replayed for ours; ``sample_crop_corners``, ours, draws the same
+  distribution with another stream): crops and flags equal;
 - the PTC loss (``get_masked_ptc_loss`` / ``patch_token_contrast_loss``) and its gradient for the tokens;
 - the CTC loss (``CTCLoss_neg`` / ``class_token_contrast_loss``) and its gradients for student and teacher,
   with some local crops flagged negative, none, or all.
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsss.method.toco import (  # noqa: E402
     class_token_contrast_loss,
+    local_crops,
     patch_token_contrast_loss,
     token_pair_labels,
     uncertain_region_mask,
@@ -64,6 +68,16 @@ def load_official(official_dir: Path) -> tuple[types.ModuleType, types.ModuleTyp
         spec.loader.exec_module(module)
         modules.append(module)
     return modules[0], modules[1]
+
+
+def official_corners(region: torch.Tensor, num_crops: int, size: int) -> torch.Tensor:
+    """The official corner draw of one image, replayed: candidates in row-major order, one randperm."""
+    margin = size // 2
+    inner = region[margin : region.shape[0] - margin, margin : region.shape[1] - margin]
+    candidates = (inner <= 1).nonzero()
+    if candidates.shape[0] < num_crops:
+        candidates = (inner >= 0).nonzero()
+    return candidates[torch.randperm(candidates.shape[0])[:num_crops]]
 
 
 def compare(name: str, a: torch.Tensor, b: torch.Tensor, exact: bool = False) -> bool:
@@ -113,6 +127,22 @@ def main() -> None:
     ok &= compare("uncertain-region mask (cam_to_roi_mask2)",
                   camutils.cam_to_roi_mask2(cams, labels, hig_thre=0.7, low_thre=0.25),
                   uncertain_region_mask(cams, labels, high=0.7, low=0.25), exact=True)
+
+    # Local crops: the official function draws its corners with the global RNG (one randperm per image over
+    # the candidates in row-major order); the same draw, replayed, gives ours the same corners.
+    # CAMs fading to 0 towards the left edge: certain background there, so some crops are negative.
+    ramp = torch.linspace(0, 1, w * 16) ** 2
+    region = uncertain_region_mask(cams * ramp, labels, high=0.7, low=0.25)
+    view = torch.rand(b, 3, h * 16, w * 16, generator=generator)
+    n_local, size, seed = 8, 96, args.seed + 1
+    torch.manual_seed(seed)
+    official_crops, official_flags = camutils.crop_from_roi_neg(view, region, crop_num=n_local, crop_size=size)
+    torch.manual_seed(seed)
+    corners = torch.stack([official_corners(region[i], n_local, size) for i in range(b)])
+    crops, flags = local_crops(view, region, corners, size)
+    ok &= compare("local crops (crop_from_roi_neg)", torch.stack(official_crops), crops)
+    ok &= compare("local crop flags", official_flags, flags, exact=True)
+    print(f"{'':<44} ({int((flags == 0).sum())} of {b * n_local} local crops negative)")
 
     tokens = torch.randn(b, c, h, w, generator=generator)
     pair_labels = token_pair_labels(grid)

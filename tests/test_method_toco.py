@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from wsss.method.toco import (
     class_token_contrast_loss,
+    local_crops,
     patch_token_contrast_loss,
+    sample_crop_corners,
     token_pair_labels,
     uncertain_region_mask,
 )
@@ -120,3 +123,42 @@ def test_class_token_contrast_loss_pulls_positive_crops_towards_the_teacher():
     near = teacher[:1].expand(4, 8)
     flags = torch.ones(1, 4)
     assert class_token_contrast_loss(near, teacher, flags, 0.5) < class_token_contrast_loss(far, teacher, flags, 0.5)
+
+
+def test_sample_crop_corners_draws_distinct_crops_centred_off_the_certain_foreground():
+    region = torch.full((2, 20, 20), 2, dtype=torch.int16)
+    region[0, 4:10, 6:16] = 1
+    region[0, 12:14, 3:8] = 0
+    generator = torch.Generator().manual_seed(0)
+    corners = sample_crop_corners(region, num_crops=5, size=6, generator=generator)
+    assert corners.shape == (2, 5, 2)
+    for y, x in corners[0].tolist():
+        assert 0 <= y <= 14 and 0 <= x <= 14 and region[0, y + 3, x + 3] <= 1
+    assert len({tuple(c) for c in corners[0].tolist()}) == 5
+    # image 1 has no uncertain or background centre: any corner, still distinct
+    assert len({tuple(c) for c in corners[1].tolist()}) == 5
+    assert ((0 <= corners[1]) & (corners[1] <= 14)).all()
+    again = sample_crop_corners(region, num_crops=5, size=6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(corners, again)
+
+
+def test_sample_crop_corners_rejects_crops_that_do_not_fit():
+    with pytest.raises(ValueError, match="do not fit"):
+        sample_crop_corners(torch.zeros(1, 10, 10, dtype=torch.int16), num_crops=2, size=12)
+
+
+def test_local_crops_cut_the_images_at_the_corners_and_flag_mostly_certain_background_negative():
+    torch.manual_seed(3)
+    images = torch.randn(2, 3, 16, 16)
+    region = torch.zeros(2, 16, 16, dtype=torch.int16)
+    region[:, :, 8:] = 1
+    corners = torch.tensor([[[0, 0], [2, 8], [5, 3]], [[8, 7], [1, 1], [4, 6]]])
+    crops, flags = local_crops(images, region, corners, size=5)
+    assert crops.shape == (3, 2, 3, 5, 5)
+    for n in range(2):
+        for k, (y, x) in enumerate(corners[n].tolist()):
+            assert torch.equal(crops[k, n], images[n, :, y : y + 5, x : x + 5])
+            share = region[n, y : y + 5, x : x + 5].float().mean().item()
+            assert flags[n, k + 2].item() == float(share > 0.2), (n, k, share)
+    assert flags[:, :2].eq(1).all()
+    assert flags[0].tolist() == [1, 1, 0, 1, 0] and flags[1].tolist() == [1, 1, 1, 0, 1]

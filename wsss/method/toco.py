@@ -7,6 +7,9 @@ uncertain-region mask that places its local crops.
   0.5 (1 - sum_{Y=1} |cos| / (n_pos + 1)) + 0.5 sum_{Y=0} |cos| / (n_neg + 1), counts over the batch.
 - ``uncertain_region_mask``: the auxiliary CAM's max over the image's classes, 0 at or below ``low``, 2 at or
   above ``high``, 1 between (the uncertain region the local crops are drawn from).
+- ``sample_crop_corners`` + ``local_crops``: the local crops, each centred on a token of the uncertain or
+  background region (any position where an image has fewer such than crops), flagged negative where the
+  crop's mean region value (0 / 1 / 2) is <= 0.2, i.e. mostly certain background.
 - ``class_token_contrast_loss`` (CTC): the projected class tokens of the 2 global views (teacher) against
   those of all crops (student), an InfoNCE in which every crop flagged positive is a positive and the
   crops flagged negative (mostly certain region) the negatives.
@@ -54,6 +57,37 @@ def uncertain_region_mask(cams: Tensor, labels: Tensor, high: float, low: float)
     return mask.masked_fill(value >= high, 2)
 
 
+def sample_crop_corners(region: Tensor, num_crops: int, size: int, generator: torch.Generator | None = None) -> Tensor:
+    """region int [B, H, W] (``uncertain_region_mask``) -> long [B, num_crops, 2]: (y, x) of the top-left corner
+    of each local crop of ``size``, drawn without replacement among the corners whose crop centre (y + size // 2,
+    x + size // 2) has region <= 1; among all corners where an image has fewer than ``num_crops`` of those."""
+    b, h, w = region.shape
+    margin = size // 2
+    rows, cols = h - 2 * margin, w - 2 * margin
+    if rows <= 0 or cols <= 0 or rows * cols < num_crops:
+        raise ValueError(f"{num_crops} local crops of {size} pixels do not fit an image of {h} x {w}")
+    candidate = (region[:, margin : h - margin, margin : w - margin] <= 1).reshape(b, -1)
+    candidate |= (candidate.sum(dim=1, keepdim=True) < num_crops)
+    scores = torch.rand(candidate.shape, generator=generator, device=region.device)
+    chosen = scores.masked_fill(~candidate, -1.0).topk(num_crops, dim=1).indices  # a uniform random subset
+    return torch.stack([chosen // cols, chosen % cols], dim=-1)
+
+
+def local_crops(images: Tensor, region: Tensor, corners: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """images [B, C, H, W], region [B, H, W], corners [B, n, 2] (``sample_crop_corners``) -> crops
+    [n, B, C, size, size] (crop-major, as the CTC loss orders the student's crops) and flags [B, n + 2] float:
+    1 for the two global views and the positive crops, 0 for a crop whose region values sum to <= 0.2 x its area."""
+    b, n = corners.shape[:2]
+    offset = torch.arange(size, device=images.device)
+    ys = (corners[..., 0, None] + offset)[:, :, :, None]  # [B, n, size, 1]
+    xs = (corners[..., 1, None] + offset)[:, :, None, :]  # [B, n, 1, size]
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    crops = images.permute(0, 2, 3, 1)[batch, ys, xs]  # [B, n, size, size, C]
+    share = region[batch, ys, xs].float().sum(dim=(2, 3)) / (size * size)
+    flags = torch.cat([torch.ones(b, 2, device=images.device), (share > 0.2).float()], dim=1)
+    return crops.permute(1, 0, 4, 2, 3), flags
+
+
 def class_token_contrast_loss(student: Tensor, teacher: Tensor, flags: Tensor, temperature: float) -> Tensor:
     """student [n_crops * B, D] (crop-major: all images' crop 0, then crop 1, ...; crops 0 and 1 the global
     views), teacher [2 * B, D] (the global views), flags [B, n_crops] (1 positive, 0 negative) -> scalar.
@@ -76,4 +110,11 @@ def class_token_contrast_loss(student: Tensor, teacher: Tensor, flags: Tensor, t
     return ((pos_terms + extra) / 2 / (n_positive + 1e-4)).mean()
 
 
-__all__ = ["class_token_contrast_loss", "patch_token_contrast_loss", "token_pair_labels", "uncertain_region_mask"]
+__all__ = [
+    "class_token_contrast_loss",
+    "local_crops",
+    "patch_token_contrast_loss",
+    "sample_crop_corners",
+    "token_pair_labels",
+    "uncertain_region_mask",
+]
