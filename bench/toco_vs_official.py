@@ -20,7 +20,10 @@ seeds fixed:
   distribution with another stream): crops and flags equal;
 - the PTC loss (``get_masked_ptc_loss`` / ``patch_token_contrast_loss``) and its gradient for the tokens;
 - the CTC loss (``CTCLoss_neg`` / ``class_token_contrast_loss``) and its gradients for student and teacher,
-  with some local crops flagged negative, none, or all.
+  with some local crops flagged negative, none, or all;
+- the projection head (``CTCHead`` of ``model/model_seg_neg.py``, taken out of that file alone, against
+  ``wsss.models.toco_heads.ProjectionHead`` with its weights): output and gradients, and the teacher head
+  after a student step and three EMA updates (``_EMA_update_encoder_teacher`` / ``ema_update``, m = 0.9).
 
 Losses and gradients are "same" within rtol 1e-5 / atol 1e-6 (float32); the script prints one line per
 quantity with the largest absolute difference, then the median time of each side's forward + backward over
@@ -30,7 +33,9 @@ quantity with the largest absolute difference, then the median time of each side
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
+import warnings
 import os
 import statistics
 import sys
@@ -42,6 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from wsss.models.toco_heads import ProjectionHead, ema_update  # noqa: E402
+
 from wsss.method.toco import (  # noqa: E402
     class_token_contrast_loss,
     local_crops,
@@ -51,6 +58,21 @@ from wsss.method.toco import (  # noqa: E402
 )
 
 IGNORE = 255
+
+
+def load_official_head(official_dir: Path) -> tuple[type, object]:
+    """``CTCHead`` and ``network._EMA_update_encoder_teacher`` of the official ``model/model_seg_neg.py``, taken
+    out of the file alone (importing it would build its ViT backbones and decoders)."""
+    path = official_dir / "model" / "model_seg_neg.py"
+    if not path.is_file():
+        sys.exit(f"error: --official-dir {official_dir} is not a checkout of rulixiang/ToCo: missing {path}")
+    tree = ast.parse(path.read_text())
+    head = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CTCHead")
+    network = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "network")
+    ema = next(n for n in network.body if isinstance(n, ast.FunctionDef) and n.name == "_EMA_update_encoder_teacher")
+    namespace = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional}
+    exec(compile(ast.Module(body=[head, ema], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["CTCHead"], namespace["_EMA_update_encoder_teacher"]
 
 
 def load_official(official_dir: Path) -> tuple[types.ModuleType, types.ModuleType]:
@@ -180,6 +202,43 @@ def main() -> None:
         ok &= compare(f"CTC loss, {case}", a[0], o[0])
         ok &= compare(f"CTC d loss / d student, {case}", a[1], o[1])
         ok &= compare(f"CTC d loss / d teacher, {case}", a[2], o[2])
+
+    # The projection heads: the official CTCHead's weights loaded into ours, then forward, gradients, and
+    # three EMA updates of the teacher (momentum 0.9) after a gradient step of the student.
+    CTCHead, official_ema = load_official_head(args.official_dir)
+    torch.manual_seed(args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm, as the official code uses it
+        official_heads = [CTCHead(in_dim=768, out_dim=1024) for _ in range(2)]
+    official_heads[1].load_state_dict(official_heads[0].state_dict())
+    ours_heads = [ProjectionHead(768, 1024) for _ in range(2)]
+    for official_head, ours_head in zip(official_heads, ours_heads):
+        state = {k: v for k, v in official_head.state_dict().items() if k.startswith("mlp.")}
+        state["last_weight"] = official_head.state_dict()["last_layer.weight_v"]
+        ours_head.load_state_dict(state)
+    tokens_in = torch.randn(n_crops * b, 768, generator=generator)
+
+    def head_pass(head):
+        x = tokens_in.clone().requires_grad_(True)
+        out = head(x)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out, x.grad
+
+    a, o = head_pass(official_heads[0]), head_pass(ours_heads[0])
+    ok &= compare("projection head output (CTCHead)", a[0], o[0])
+    ok &= compare("projection head d out / d tokens", a[1], o[1])
+    ok &= compare("projection head d out / d last layer", official_heads[0].last_layer.weight_v.grad,
+                  ours_heads[0].last_weight.grad)
+    for heads in (official_heads, ours_heads):
+        with torch.no_grad():
+            for param in heads[0].parameters():
+                if param.grad is not None:
+                    param.sub_(0.5 * param.grad)
+    holder = types.SimpleNamespace(proj_head=official_heads[0], proj_head_t=official_heads[1], init_momentum=0.9)
+    for _ in range(3):
+        official_ema(holder)
+        ema_update(ours_heads[1], ours_heads[0], 0.9)
+    ok &= compare("teacher head after 3 EMA updates, output", official_heads[1](tokens_in), ours_heads[1](tokens_in))
 
     print(f"\nforward + backward, median of {args.repeats}, {args.threads} threads, CPU fp32:")
     def official_ptc_with_labels(x, _):
