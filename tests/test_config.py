@@ -86,7 +86,7 @@ def test_yaml_file_with_base_and_errors(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
-    with pytest.raises(ConfigError, match="unknown config 'vocc'.*coco, custom, demo, voc"):
+    with pytest.raises(ConfigError, match="unknown config 'vocc'.*coco, coco-toco, custom, demo, demo-toco, voc, voc-toco"):
         load_config("vocc")
 
 

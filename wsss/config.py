@@ -74,6 +74,9 @@ class MaskDecoderConfig:
 
 @dataclass
 class ModelConfig:
+    # The single-stage method: "afa" (AFA + PAR, Ru et al. CVPR 2022: the afa section) or "toco" (token contrast,
+    # Ru et al. CVPR 2023: the toco section; needs a plain timm ViT / DeiT backbone and seg_head "largefov").
+    method: Literal["afa", "toco"] = "afa"
     # "mit_b0".."mit_b5", "timm:<name>" (e.g. "timm:vit_small_patch16_224"),
     # or "mit_tiny" (a small MiT for CPU demos and tests).
     backbone: str = "mit_b1"
@@ -90,8 +93,9 @@ class ModelConfig:
     # with which PAR improved on the CAMs (docs/benchmarks.md, the gray variant).
     cam_pooling: Literal["gmp", "gap", "topk"] = "gmp"
     cam_topk: float = 0.25  # with cam_pooling "topk": the fraction of tokens averaged per channel
-    # "segformer": the published all-MLP head; "mask_decoder": a query-based mask transformer (mask_decoder)
-    seg_head: Literal["segformer", "mask_decoder"] = "segformer"
+    # "segformer": the published all-MLP head (AFA); "mask_decoder": a query-based mask transformer
+    # (mask_decoder); "largefov": two dilated 3x3 convs and a 1x1 on the last map (DeepLab-LargeFOV, ToCo's head)
+    seg_head: Literal["segformer", "mask_decoder", "largefov"] = "segformer"
     # Feature pyramid between backbone and seg head. A plain ViT / DeiT gives four maps at its patch stride
     # (16), too coarse for thin structures; "vit" upsamples the first two to strides 4 and 8 with transposed
     # convolutions (heads.ViTFeaturePyramid); "auto" = "vit" for a backbone whose four maps share one stride,
@@ -199,6 +203,38 @@ class AfaConfig:
 
 
 @dataclass
+class ToCoConfig:
+    """Token contrast (model.method "toco"); the defaults are the official VOC script's."""
+
+    aux_layer: int = -3  # the block (Python index into the blocks) whose patch tokens give the auxiliary CAM
+    aux_cls_loss_weight: float = 1.0  # weight of the auxiliary classification loss
+    ptc_loss_weight: float = 0.2  # patch-token contrast on the last block's tokens, pairs from the aux CAM
+    ctc_loss_weight: float = 0.5  # class-token contrast between the global and local views
+    temperature: float = 0.5  # of the CTC loss
+    momentum: float = 0.9  # EMA of the teacher projection head, every iteration
+    num_local_crops: int = 8  # local crops from the uncertain region (the CTC sees 2 global + these)
+    local_crop_size: int = 96  # side of a local crop, pixels of the training crop
+    proj_dim: int = 1024  # output width of the projection heads
+    proj_hidden_dim: int = 2048  # hidden width of their MLP
+    proj_bottleneck_dim: int = 256  # width before the unit-row last layer
+    proj_layers: int = 3  # linear layers of the MLP
+    view2_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # random resized crop of global view 2
+    # the views' photometric augmentation (DINO's): colour jitter strengths (brightness, contrast, saturation, hue)
+    view_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    view_jitter_p: float = 0.8  # probability of the colour jitter, each view
+    view_grayscale_p: float = 0.2  # probability of grayscale, each view
+    view_blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma range
+    view_blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # blur probability: view 1, 2, local
+    view_solarize_p: float = 0.2  # probability of solarization, global view 2 only
+    # Official COCO schedule: the PTC and CTC losses count from this iteration on (weight 0 before; VOC: 0)
+    contrast_from_iter: int = 0
+    seg_label_from_aux_until: int = 0  # the seg target is the refined auxiliary CAM label until here (COCO)
+    # The padding box of the PTC pseudo label: "official" applies the crop's pixel box to the token grid as the
+    # official code does (slices in pixels on a grid of tokens); "grid" scales it to the grid (docs/method.md)
+    ptc_label_box: Literal["official", "grid"] = "official"
+
+
+@dataclass
 class EvalConfig:
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.75])  # test scales of --msc (max over them)
     flip: bool = True  # with --msc: average each scale's logits with the flipped image's
@@ -221,6 +257,7 @@ class Config:
     cam: CamConfig = field(default_factory=CamConfig)
     par: ParConfig = field(default_factory=ParConfig)
     afa: AfaConfig = field(default_factory=AfaConfig)
+    toco: ToCoConfig = field(default_factory=ToCoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -405,10 +442,43 @@ def validate(cfg: Config) -> None:
         (len(cfg.data.color_jitter_strength) == 4 and all(v >= 0 for v in cfg.data.color_jitter_strength)
          and cfg.data.color_jitter_strength[3] <= 0.5,
          "data.color_jitter_strength must be [brightness, contrast, saturation, hue], >= 0, hue <= 0.5"),
+        *_toco_checks(cfg),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _toco_checks(cfg: Config) -> list[tuple[bool, str]]:
+    t = cfg.toco
+    checks = [
+        (t.temperature > 0, "toco.temperature must be positive"),
+        (0 <= t.momentum < 1, "toco.momentum must be in [0, 1)"),
+        (t.num_local_crops >= 0, "toco.num_local_crops must be >= 0"),
+        (t.proj_layers >= 1, "toco.proj_layers must be >= 1"),
+        (t.contrast_from_iter >= 0 and t.seg_label_from_aux_until >= 0,
+         "toco.contrast_from_iter and toco.seg_label_from_aux_until must be >= 0"),
+        (len(t.view2_scale) == 2 and 0 < t.view2_scale[0] <= t.view2_scale[1] <= 1,
+         "toco.view2_scale must be [low, high] with 0 < low <= high <= 1"),
+        (len(t.view_jitter) == 4 and all(v >= 0 for v in t.view_jitter) and t.view_jitter[3] <= 0.5,
+         "toco.view_jitter must be [brightness, contrast, saturation, hue], >= 0, hue <= 0.5"),
+        (len(t.view_blur_sigma) == 2 and 0 < t.view_blur_sigma[0] <= t.view_blur_sigma[1],
+         "toco.view_blur_sigma must be [low, high] with 0 < low <= high"),
+        (len(t.view_blur_p) == 3 and all(0 <= p <= 1 for p in t.view_blur_p),
+         "toco.view_blur_p must be 3 probabilities (global view 1, global view 2, local source)"),
+        (all(0 <= p <= 1 for p in (t.view_jitter_p, t.view_grayscale_p, t.view_solarize_p)),
+         "toco.view_jitter_p, view_grayscale_p and view_solarize_p must be probabilities"),
+    ]
+    if cfg.model.method == "toco":
+        checks += [
+            (0 < t.local_crop_size < cfg.data.crop_size,
+             f"toco.local_crop_size ({t.local_crop_size}) must be positive and smaller than data.crop_size "
+             f"({cfg.data.crop_size})"),
+            (cfg.model.seg_head == "largefov",
+             f"model.method 'toco' has the LargeFOV seg head: set model.seg_head to 'largefov' "
+             f"(got {cfg.model.seg_head!r})"),
+        ]
+    return checks
 
 
 def builtin_config_names() -> list[str]:
