@@ -250,12 +250,19 @@ def _timm_family(name: str) -> str:
 def create_timm_backbone(
     name: str, strides: list[int], attn_blocks: int, drop_path_rate: float = 0.0, pretrained: str = RANDOM_INIT
 ) -> TimmBackbone:
+    family = _timm_family(name)
+    kwargs: dict = {"dynamic_img_size": True, "dynamic_img_pad": True} if family == "vit" else {}
+    model = create_timm_model(name, drop_path_rate, pretrained, **kwargs)
+    return TimmBackbone(model, family, list(strides), attn_blocks, name)
+
+
+def create_timm_model(name: str, drop_path_rate: float = 0.0, pretrained: str = RANDOM_INIT, **kwargs) -> nn.Module:
+    """The timm model ``name`` without its classifier, weights per ``pretrained`` ("hub", a file path or
+    "none"); a hub download that fails (offline, unknown tag) is one WsssError naming the fix."""
     import timm
 
-    family = _timm_family(name)
-    kwargs: dict = {"num_classes": 0, "drop_path_rate": drop_path_rate}
-    if family == "vit":
-        kwargs.update(dynamic_img_size=True, dynamic_img_pad=True)
+    _timm_family(name)
+    kwargs = {"num_classes": 0, "drop_path_rate": drop_path_rate, **kwargs}
     if pretrained == "hub":
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
@@ -268,7 +275,7 @@ def create_timm_backbone(
         model = timm.create_model(name, pretrained=False, **kwargs)
         if pretrained != RANDOM_INIT:
             _load_timm_file(model, pretrained, name)
-    return TimmBackbone(model, family, list(strides), attn_blocks, name)
+    return model
 
 
 def _load_timm_file(model: nn.Module, path: str, name: str) -> None:

@@ -3,6 +3,7 @@
 - :class:`CamClassifier`: 1x1 conv without bias on stage-4 features; pooled features give
   the image-level logits, the same conv applied densely gives the CAMs (Zhou et al., 2016).
 - :class:`SegFormerHead`: the all-MLP decoder of SegFormer (Xie et al., NeurIPS 2021).
+- :class:`LargeFOVHead`: DeepLab-LargeFOV's classifier (Chen et al., ICLR 2015) on the last map, ToCo's seg head.
 - :class:`ViTFeaturePyramid`: strides 4 / 8 / 16 / 16 from a plain ViT's four single-stride maps,
   for the seg head (not part of the published network, which has a hierarchical MiT).
 - :class:`AffinityHead`: AFA's affinity from attention (Ru et al., CVPR 2022, sec. 3.2):
@@ -103,6 +104,24 @@ class SegFormerHead(nn.Module):
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             fused = y if fused is None else fused + y
         return self.linear_pred(self.dropout(act(norm(fused))))
+
+
+class LargeFOVHead(nn.Module):
+    """features [B, D, h, w] -> seg logits [B, C, h, w]: 3x3 conv (dilation 5) -> ReLU -> 3x3 conv (dilation 5)
+    -> ReLU -> 1x1 conv, ``embed_dim`` wide, no biases (ToCo's ``LargeFOV``, PyTorch's default init as there)."""
+
+    def __init__(self, in_channels: int, num_classes: int, embed_dim: int = 512, dilation: int = 5) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, embed_dim, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(embed_dim, embed_dim, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(embed_dim, num_classes, 1, bias=False),
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layers(features)
 
 
 class ViTFeaturePyramid(nn.Module):

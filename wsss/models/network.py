@@ -40,12 +40,13 @@ from wsss.models.heads import (
     ATTN_NORMS,
     AffinityHead,
     CamClassifier,
+    LargeFOVHead,
     SegFormerHead,
     ViTFeaturePyramid,
 )
 from wsss.models.mit import MIT_SPECS
 
-SEG_HEADS = ("segformer", "mask_decoder")
+SEG_HEADS = ("segformer", "mask_decoder", "largefov")
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 
 
@@ -56,7 +57,12 @@ class NetworkOutput:
     seg_logits: Tensor | None  # [B, C, H1, W1] at the finest map's resolution (1/4 for MiT / PVT / ViT + pyramid)
     seg_aux: list[Tensor] = field(default_factory=list)  # mask decoder deep supervision, [] for SegFormer
     affinity: Tensor | None = None  # [B, N, N] in [0, 1], N = h * w
-    features: list[Tensor] = field(default_factory=list)  # the 4 backbone maps
+    features: list[Tensor] = field(default_factory=list)  # the 4 backbone maps (ToCo: the last block's tokens)
+    aux_cls_logits: Tensor | None = None  # ToCo: [B, K] of the auxiliary classifier (toco.aux_layer's tokens)
+    aux_cams: Tensor | None = None  # ToCo: [B, K, h, w] raw auxiliary CAMs
+    class_tokens: Tensor | None = None  # ToCo: [B, D] the class token after the final norm
+    proj_student: Tensor | None = None  # ToCo: [(2 + n) B, P] student projections of the global + local views
+    proj_teacher: Tensor | None = None  # ToCo: [2 B, P] teacher projections of the global views (no gradient)
 
 
 def resolve_attn_norm(backbone_name: str, attn_norm: str) -> str:
@@ -83,6 +89,8 @@ class AFANetwork(nn.Module):
     ``attn_norm``: the resolved afa.attn_norm ("none" | "standardize", see :func:`resolve_attn_norm`),
     kept as ``self.attn_norm`` for the run's log.
     """
+
+    method = "afa"
 
     def __init__(
         self, backbone: nn.Module, seg_head: nn.Module, num_classes: int, cam_pooling: str = "gmp",
@@ -122,38 +130,53 @@ class AFANetwork(nn.Module):
 
     def param_groups(self, train_cfg: TrainConfig) -> list[dict]:
         """The five optimizer groups of the module docstring; every trainable parameter once."""
-        norm_ids = {
-            id(p) for m in self.backbone.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)
-        }
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        head_mult = train_cfg.head_lr_mult
-        seg_mult = getattr(self.seg_head, "lr_mult", head_mult)  # the mask decoder has its own
-        no_decay_fn = getattr(self.seg_head, "no_weight_decay", None)
+        seg_modules = [m for m in (self.seg_pyramid, self.seg_head) if m is not None]
+        heads = [*self.classifier.parameters(), *self.affinity_head.parameters()]
+        return param_groups(self.backbone, heads, seg_modules, train_cfg, getattr(self.seg_head, "lr_mult", None))
+
+
+def param_groups(backbone: nn.Module, head_params: list, seg_modules: list[nn.Module], train_cfg: TrainConfig,
+                 seg_lr_mult: float | None = None) -> list[dict]:
+    """The five optimizer groups of the module docstring for a network of ``backbone``, its new heads'
+    parameters (lr x train.head_lr_mult) and the seg head's modules (lr x ``seg_lr_mult``, default
+    head_lr_mult; the parameters a module's ``no_weight_decay()`` names go to the no-decay group)."""
+    norm_ids = {id(p) for m in backbone.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    head_mult = train_cfg.head_lr_mult
+    seg_mult = head_mult if seg_lr_mult is None else seg_lr_mult
+    seg, seg_no_decay = [], []
+    for module in seg_modules:
+        no_decay_fn = getattr(module, "no_weight_decay", None)
         no_decay = set(no_decay_fn()) if no_decay_fn is not None else set()
-        seg = [*(self.seg_pyramid.parameters() if self.seg_pyramid is not None else ()),
-               *(p for n, p in self.seg_head.named_parameters() if n not in no_decay)]
-        norm_mult = 0.0 if train_cfg.freeze_backbone_norm else 1.0
-        specs = [
-            ("backbone", [p for p in backbone if id(p) not in norm_ids], 1.0),
-            ("backbone_norm", [p for p in backbone if id(p) in norm_ids], norm_mult),
-            ("cam_afa_heads", [*self.classifier.parameters(), *self.affinity_head.parameters()], head_mult),
-            ("seg_head", seg, seg_mult),
-            ("seg_head_no_decay", [p for n, p in self.seg_head.named_parameters() if n in no_decay], seg_mult),
-        ]
-        return [
-            {
-                "name": name,
-                "params": [p for p in params if p.requires_grad],
-                "lr": train_cfg.lr * mult,
-                "lr_mult": mult,
-                "weight_decay": 0.0 if name.endswith("_no_decay") else train_cfg.weight_decay,
-            }
-            for name, params, mult in specs
-        ]
+        for n, p in module.named_parameters():
+            (seg_no_decay if n in no_decay else seg).append(p)
+    norm_mult = 0.0 if train_cfg.freeze_backbone_norm else 1.0
+    specs = [
+        ("backbone", [p for p in trainable if id(p) not in norm_ids], 1.0),
+        ("backbone_norm", [p for p in trainable if id(p) in norm_ids], norm_mult),
+        ("cam_afa_heads", head_params, head_mult),
+        ("seg_head", seg, seg_mult),
+        ("seg_head_no_decay", seg_no_decay, seg_mult),
+    ]
+    return [
+        {
+            "name": name,
+            "params": [p for p in params if p.requires_grad],
+            "lr": train_cfg.lr * mult,
+            "lr_mult": mult,
+            "weight_decay": 0.0 if name.endswith("_no_decay") else train_cfg.weight_decay,
+        }
+        for name, params, mult in specs
+    ]
 
 
 def build_seg_head(cfg: Config, in_channels: list[int], num_classes: int) -> nn.Module:
     kind = cfg.model.seg_head
+    if kind == "largefov":
+        if cfg.model.method != "toco":
+            raise ConfigError("model.seg_head 'largefov' is ToCo's head (model.method 'toco'); the AFA network "
+                              "takes 'segformer' or 'mask_decoder'")
+        return LargeFOVHead(in_channels[-1], num_classes)
     if kind == "segformer":
         return SegFormerHead(in_channels, num_classes, cfg.model.seg_embed_dim, cfg.model.seg_dropout)
     if kind == "mask_decoder":
@@ -182,9 +205,14 @@ def build_seg_pyramid(kind: str, backbone: nn.Module) -> ViTFeaturePyramid | Non
     return ViTFeaturePyramid(list(backbone.out_channels))
 
 
-def build_network(cfg: Config, num_classes: int) -> AFANetwork:
-    """The network of ``cfg.model`` for ``num_classes`` = C classes including background
-    (afa.attn_norm "auto" resolved for the backbone: ``network.attn_norm``)."""
+def build_network(cfg: Config, num_classes: int) -> nn.Module:
+    """The network of ``cfg.model`` for ``num_classes`` = C classes including background: an AFANetwork
+    (afa.attn_norm "auto" resolved for the backbone: ``network.attn_norm``), or with model.method "toco" a
+    :class:`wsss.models.toco.ToCoNetwork`."""
+    if cfg.model.method == "toco":
+        from wsss.models.toco import build_toco_network
+
+        return build_toco_network(cfg, num_classes)
     backbone = create_backbone(cfg.model, cfg.afa.attn_blocks)  # first: its error names the accepted backbones
     attn_norm = resolve_attn_norm(cfg.model.backbone, cfg.afa.attn_norm)
     pyramid = build_seg_pyramid(cfg.model.seg_pyramid, backbone)
