@@ -105,6 +105,7 @@ class SegmentationDataset(Dataset):
         train: bool,
         long_side: int | None = None,
         kind: str = "custom",
+        views: Any = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -118,6 +119,8 @@ class SegmentationDataset(Dataset):
         self.ignore_index = data_cfg.ignore_index
         self.train_transform = TrainTransform.from_config(data_cfg) if train else None
         self.eval_transform = EvalTransform.from_config(data_cfg, long_side)
+        # training only: extra views of each item (ToCo's, wsss.data.transforms.ToCoViews)
+        self.views = views if train else None
         if train and self.mask_paths is None:
             raise DatasetError(
                 f"split '{split}' of '{self.root}' has no masks (hence no image labels); it can only be used "
@@ -156,6 +159,8 @@ class SegmentationDataset(Dataset):
         if self.train_transform is not None:
             item: dict[str, Any] = {"name": self.names[index], **self.train_transform(image, mask)}
             item["label"] = label
+            if self.views is not None:
+                item.update(self.views(item["image"], image))
             return item
         h0, w0 = image.shape[:2]
         if mask is None:
@@ -463,12 +468,14 @@ def guess_dataset_kind(root: str | Path) -> str:
 
 
 def build_dataset(
-    data_cfg: DataConfig, split: str, train: bool, long_side: int | None = None
+    data_cfg: DataConfig, split: str, train: bool, long_side: int | None = None, views: Any = None
 ) -> SegmentationDataset:
     """The dataset ``data_cfg.dataset`` at ``data_cfg.root``, split ``split``.
 
     ``train=True``: training augmentation from ``data_cfg`` (crop, rescale, flip, jitter).
     ``train=False``: images resized so the long side is ``long_side`` (None = original size).
+    ``views``: called on each training item's image and the decoded image, its dict joins the item
+    (:class:`wsss.data.transforms.ToCoViews`).
     Raises DatasetError (one line naming the file or directory) for a broken layout.
     """
     if data_cfg.dataset not in _LAYOUTS:
@@ -478,7 +485,7 @@ def build_dataset(
     if not names:
         raise DatasetError(f"split '{split}' of '{root}' lists no images")
     return SegmentationDataset(root, split, names, images, masks, classes, data_cfg, train=train,
-                               long_side=long_side, kind=data_cfg.dataset)
+                               long_side=long_side, kind=data_cfg.dataset, views=views)
 
 
 __all__ = [

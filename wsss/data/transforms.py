@@ -18,6 +18,10 @@ Training (``TrainTransform``), in this order:
      ``data.pad_rgb`` (black, as the official code) and ``ignore_index`` in the mask,
      and the valid box (y0, y1, x0, x1) of the real pixels is returned.
 
+ToCo (``ToCoViews``, with model.method "toco"): the training crop above becomes global view 1 after DINO's
+photometric augmentation; global view 2 is a random resized crop of the decoded image; the source of the
+local crops is the training crop with its own flip and photometric augmentation.
+
 Evaluation (``EvalTransform``): resize so the long side is ``long_side``
 (None keeps the size), normalize; the mask stays at the original size.
 """
@@ -25,7 +29,7 @@ Evaluation (``EvalTransform``): resize so the long side is ``long_side``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -151,6 +155,56 @@ class TrainTransform:
         return {"image": out_image, "mask": out_mask, "valid_box": valid_box}
 
 
+class ToCoViews:
+    """ToCo's views of a training item (the official ``VOC12ClsDataset``'s, DINO's augmentation).
+
+    ``__call__(image float [3, S, S] normalized (the TrainTransform crop), decoded uint8 [H, W, 3])`` -> dict:
+    ``image`` (global view 1, replaces the crop): colour jitter with probability ``jitter_p``, grayscale with
+    ``grayscale_p``, Gaussian blur with ``blur_p[0]``; ``global_view2`` [3, S, S]: a random resized crop
+    (``view2_scale`` of the area, bicubic) of the decoded image, flip, jitter, grayscale, blur ``blur_p[1]``,
+    solarization; ``local_image`` [3, S, S], whose windows become the local crops: the crop with its own flip,
+    jitter, grayscale, blur ``blur_p[2]``. All normalized. The official view 1 is flipped a second time after the
+    crop while its padding box is not; here the crop's one flip (TrainTransform's) keeps the box true.
+    """
+
+    def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float], view2_scale: Sequence[float],
+                 jitter: Sequence[float], jitter_p: float, grayscale_p: float, blur_sigma: Sequence[float],
+                 blur_p: Sequence[float], solarize_p: float) -> None:
+        self.mean, self.std = list(mean), list(std)
+        sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        kernel = 2 * int(np.ceil(3 * sigma[1])) + 1  # +-3 sigma of the widest blur
+
+        def photometric(p_blur: float) -> list:
+            return [v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p), v2.RandomGrayscale(p=grayscale_p),
+                    v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=p_blur)]
+
+        self.view1 = v2.Compose(photometric(blur_p[0]))
+        self.view2 = v2.Compose([
+            v2.RandomResizedCrop(crop_size, scale=tuple(view2_scale), interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+            v2.ToDtype(torch.float32, scale=True), v2.RandomHorizontalFlip(), *photometric(blur_p[1]),
+            v2.RandomSolarize(threshold=128 / 255, p=solarize_p),
+        ])
+        self.local = v2.Compose([v2.RandomHorizontalFlip(), *photometric(blur_p[2])])
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ToCoViews:
+        t = cfg.toco
+        return cls(cfg.data.crop_size, cfg.data.mean, cfg.data.std, t.view2_scale, t.view_jitter, t.view_jitter_p,
+                   t.view_grayscale_p, t.view_blur_sigma, t.view_blur_p, t.view_solarize_p)
+
+    def _normalize(self, image01: Tensor) -> Tensor:
+        return F.normalize(image01.clamp(0.0, 1.0), mean=self.mean, std=self.std)
+
+    def __call__(self, image: Tensor, decoded: np.ndarray) -> dict[str, Tensor]:
+        crop01 = denormalize(image, self.mean, self.std)
+        return {
+            "image": self._normalize(self.view1(crop01)),
+            "global_view2": self._normalize(self.view2(to_image_tensor(decoded)).as_subclass(Tensor)),
+            "local_image": self._normalize(self.local(crop01)),
+        }
+
+
 class EvalTransform:
     """Evaluation transform: resize so the long side is ``long_side`` (None = keep), normalize.
 
@@ -175,5 +229,5 @@ class EvalTransform:
         return normalize(img.as_subclass(Tensor), self.mean, self.std)
 
 
-__all__ = ["EvalTransform", "TrainTransform", "denormalize", "normalize", "pad_and_crop",
+__all__ = ["EvalTransform", "ToCoViews", "TrainTransform", "denormalize", "normalize", "pad_and_crop",
            "to_image_tensor", "to_mask_tensor"]

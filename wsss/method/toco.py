@@ -1,9 +1,10 @@
 """Token contrast (ToCo, Ru et al., CVPR 2023): the patch-token and class-token contrast losses and the
 uncertain-region mask that places its local crops.
 
-- ``token_pair_labels`` + ``patch_token_contrast_loss`` (PTC): pairs of an intermediate block's patch tokens
-  labelled by the auxiliary CAM's pseudo label (1 same class, 0 different, ignore where either token is
-  ignored and on the diagonal; every pair of the grid, no window), loss on the absolute cosine similarity:
+- ``token_label`` + ``token_pair_labels`` + ``patch_token_contrast_loss`` (PTC): pairs of the last block's patch
+  tokens labelled by the pseudo label of the auxiliary CAM (an intermediate block's, less over-smoothed) on the
+  token grid (1 same class, 0 different, ignore where either token is ignored and on the diagonal; every pair
+  of the grid, no window), loss on the absolute cosine similarity:
   0.5 (1 - sum_{Y=1} |cos| / (n_pos + 1)) + 0.5 sum_{Y=0} |cos| / (n_neg + 1), counts over the batch.
 - ``uncertain_region_mask``: the auxiliary CAM's max over the image's classes, 0 at or below ``low``, 2 at or
   above ``high``, 1 between (the uncertain region the local crops are drawn from).
@@ -25,6 +26,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsss.method.affinity import affinity_labels
+from wsss.method.cam import box_mask
+
+
+def token_label(cams: Tensor, labels: Tensor, high: float, low: float, valid_box: Tensor | None, image_size: tuple,
+                ignore_index: int = 255, box_mode: str = "official") -> Tensor:
+    """cams [B, K, h, w] in [0, 1] (the auxiliary CAMs resized to the token grid), labels [B, K], valid_box long
+    [B, 4] in pixels of the ``image_size`` crop -> long [B, h, w]: class k + 1 where the largest present CAM is
+    above ``high``, 0 where it is at or below ``low``, ignore between and outside the box.
+
+    ``box_mode`` "official": the pixel box slices the token grid as in the official ``cam_to_label`` (a token
+    row r is inside when y0 <= r < y1 in pixels); "grid": a token is inside when its centre pixel is.
+    """
+    value, index = (cams * labels[:, :, None, None].to(cams.dtype)).max(dim=1)
+    label = torch.where(value > high, index + 1, torch.full_like(index, ignore_index))
+    label = label.masked_fill(value <= low, 0)
+    if valid_box is None:
+        return label
+    h, w = label.shape[-2:]
+    if box_mode == "official":
+        inside = box_mask(valid_box, (h, w))
+    elif box_mode == "grid":
+        ys = ((torch.arange(h, device=label.device) + 0.5) * image_size[0] / h).long()
+        xs = ((torch.arange(w, device=label.device) + 0.5) * image_size[1] / w).long()
+        inside = box_mask(valid_box, image_size)[:, ys][:, :, xs]
+    else:
+        raise ValueError(f"box_mode must be 'official' or 'grid', got {box_mode!r}")
+    return label.masked_fill(~inside, ignore_index)
 
 
 def token_pair_labels(label_grid: Tensor, ignore_index: int = 255) -> Tensor:
@@ -115,6 +143,7 @@ __all__ = [
     "local_crops",
     "patch_token_contrast_loss",
     "sample_crop_corners",
+    "token_label",
     "token_pair_labels",
     "uncertain_region_mask",
 ]
