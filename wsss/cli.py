@@ -439,12 +439,16 @@ def demo(
     work_dir: Path = typer.Option(Path("work_dirs/demo"), help="where the run writes everything"),
     data_dir: Path = typer.Option(Path("data/demo"), help="the demo dataset (built here if missing)"),
     pretrained: Optional[str] = typer.Option(None, help="start from these weights (hub name or file) instead of scratch"),
+    method: str = typer.Option("afa", help="the method: afa (configs/demo.yaml) or toco (configs/demo-toco.yaml)"),
     overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
     """Build the demo data, train from scratch, pseudo-label, evaluate, print one table."""
     from wsss.engine.demo import format_demo_table, run_demo
 
-    result = run_demo(work_dir=work_dir, data_dir=data_dir, pretrained=pretrained, overrides=overrides or [])
+    if work_dir == Path("work_dirs/demo") and method != "afa":
+        work_dir = Path(f"work_dirs/demo-{method}")  # the default folder of each method: a run is not resumed as another
+    result = run_demo(work_dir=work_dir, data_dir=data_dir, pretrained=pretrained, overrides=overrides or [],
+                      method=method)
     typer.echo(format_demo_table(result))
 
 

@@ -29,11 +29,13 @@ import torch
 
 from wsss.config import Config, load_config
 from wsss.engine.metrics import ConfusionMatrix, ImageScores
+from wsss.errors import WsssError
 from wsss.models.weights import RANDOM_INIT
 
 logger = logging.getLogger(__name__)
 
 BASELINE_SEED = 0
+DEMO_CONFIGS = {"afa": "demo", "toco": "demo-toco"}  # the demo's method -> its config
 CLASSIFIER_THRESHOLD = 0.5  # on the sigmoid of the image-level logits
 
 
@@ -110,7 +112,8 @@ def format_demo_table(result: dict[str, Any]) -> str:
     times = result["seconds"]
     head = f"{'':<40}{'mIoU %':>9}{'all bg':>9}{'true fg + random class':>24}"
     lines = [
-        f"wsss demo: {result['backbone']} {_weights_text(result.get('pretrained', RANDOM_INIT))}, "
+        f"wsss demo{' (ToCo)' if result.get('method') == 'toco' else ''}: {result['backbone']} "
+        f"{_weights_text(result.get('pretrained', RANDOM_INIT))}, "
         f"{result['iterations']} iterations, {result['precision']}; "
         f"{times['total']:.0f} s (train {times['train']:.0f} s, pseudo labels {times['pseudo_labels']:.0f} s, "
         f"evaluation {times['evaluation']:.0f} s)",
@@ -118,7 +121,7 @@ def format_demo_table(result: dict[str, Any]) -> str:
         f"pseudo labels on '{result['train_split']}' ({result['train_images']} images)",
     ]
     names = {"cam": "CAM", "par": "PAR-refined CAM", "afa": "AFA (random walk + PAR)"}
-    for method in ("cam", "par", "afa"):
+    for method in (m for m in ("cam", "par", "afa") if m in rows):
         lines.append(f"  {names[method]:<38}{_fmt(rows[method]):>9}{_fmt(base['train']['all_background']):>9}"
                      f"{_fmt(base['train']['random_class']):>24}")
     lines.append(f"segmentation head on '{result['val_split']}' ({result['val_images']} images)")
@@ -136,8 +139,12 @@ def run_demo(
     data_dir: str | Path = "data/demo",
     pretrained: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    method: str = "afa",
 ) -> dict[str, Any]:
-    """Build data (if missing), train, pseudo-label, evaluate -> results (``format_demo_table`` prints them)."""
+    """Build data (if missing), train, pseudo-label, evaluate -> results (``format_demo_table`` prints them).
+
+    ``method``: "afa" (configs/demo.yaml) or "toco" (configs/demo-toco.yaml: no AFA row, ToCo has no affinity).
+    """
     from wsss.data.demo import build_demo_dataset
     from wsss.engine.checkpoint import LAST_NAME
     from wsss.engine.inference import evaluate_checkpoint, generate_pseudo_labels
@@ -151,7 +158,9 @@ def run_demo(
     extra = [f"data.root={data_dir}", f"train.work_dir={work_dir}"]
     if pretrained:  # the demo's conv stem is for training from scratch: weights hold the published patch embedding
         extra += ["model.conv_stem=0", f"model.pretrained={pretrained}"]
-    cfg = load_config("demo", extra + list(overrides))
+    if method not in DEMO_CONFIGS:
+        raise WsssError(f"the demo's method must be one of {', '.join(DEMO_CONFIGS)}, got {method!r}")
+    cfg = load_config(DEMO_CONFIGS[method], extra + list(overrides))
     if not any(o.strip().startswith("train.precision=") for o in overrides):
         cfg.train.precision = "bf16" if native_bf16(cfg.train.device) else "fp32"  # bf16 where it is faster
 
@@ -163,11 +172,11 @@ def run_demo(
     trained = time.perf_counter()
     checkpoint = Path(summary["last_checkpoint"])
     rows: dict[str, float] = {}
-    for method in ("cam", "par", "afa"):
-        out_dir = work_dir / "pseudo_labels" / f"{cfg.data.train_split}_{method}"
-        result = generate_pseudo_labels(checkpoint, split=cfg.data.train_split, out_dir=out_dir, method=method,
+    for target in ("cam", "par", "afa") if cfg.model.method == "afa" else ("cam", "par"):
+        out_dir = work_dir / "pseudo_labels" / f"{cfg.data.train_split}_{target}"
+        result = generate_pseudo_labels(checkpoint, split=cfg.data.train_split, out_dir=out_dir, method=target,
                                         msc=True, evaluate=True)
-        rows[method] = result["miou"]
+        rows[target] = result["miou"]
         train_images = result["num_images"]
     labelled = time.perf_counter()
     seg = evaluate_checkpoint(checkpoint, split=cfg.data.val_split, target="seg")
@@ -177,7 +186,7 @@ def run_demo(
     done = time.perf_counter()
     result = {
         "rows": rows, "baselines": baselines, "classifier": classifier, "work_dir": str(work_dir),
-        "backbone": cfg.model.backbone, "pretrained": cfg.model.pretrained, "precision": cfg.train.precision,
+        "method": cfg.model.method, "backbone": cfg.model.backbone, "pretrained": cfg.model.pretrained, "precision": cfg.train.precision,
         "iterations": summary["iteration"],
         "train_split": cfg.data.train_split, "val_split": cfg.data.val_split, "train_images": train_images,
         "val_images": seg.get("num_images"), "checkpoint": str(checkpoint),

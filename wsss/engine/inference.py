@@ -249,7 +249,24 @@ def _check_run_options(out: Path, options: dict[str, Any], rank: int) -> None:
 # --------------------------------------------------------------------------- validation during training
 
 
-VAL_KEYS = ("cam", "afa", "seg", "par")
+VAL_KEYS = ("cam", "afa", "seg", "par", "cam_aux")
+
+
+def validation_keys(network: nn.Module) -> tuple[str, ...]:
+    """What :func:`validate` scores for ``network``: AFA's cam / afa / seg / par, ToCo's cam / seg / par / cam_aux."""
+    if getattr(unwrap(network), "method", "afa") == "toco":
+        return ("cam", "seg", "par", "cam_aux")
+    return ("cam", "afa", "seg", "par")
+
+
+class _AuxCams:
+    """A ToCo network seen through its auxiliary classifier (``cam_forward`` gives the auxiliary CAMs)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+
+    def cam_forward(self, images: Tensor, with_affinity: bool = False) -> tuple[Tensor, None]:
+        return self.network.cams_with_aux(images)[1], None
 
 
 def validation_subset(size: int, limit: int) -> list[int]:
@@ -266,9 +283,15 @@ def _validation_maps(net: nn.Module, image: Tensor, label: Tensor, out_size: Seq
     image-level logits [1, K] of the plain forward."""
     out = net(image, with_seg=True, with_affinity=False)  # predict_seg at one scale without flip, + the classifier
     seg = resize(out.seg_logits.float(), out_size)[0]
+    # max(...).indices = argmax(dim=0), faster on CPU
+    if getattr(net, "method", "afa") == "toco":  # no affinity; the auxiliary CAM as the official validate()
+        probs = cam_probs(net, image, label, cfg, ("cam", "par"), True, out_size)
+        aux = cam_probs(_AuxCams(net), image, label, cfg, ("cam",), True, out_size)["cam"]
+        maps = {"seg": seg.max(dim=0).indices, "cam": probs["cam"].max(dim=0).indices,
+                "par": probs["par"].max(dim=0).indices, "cam_aux": aux.max(dim=0).indices}
+        return maps, out.cls_logits
     # one multi-scale + flip CAM pass; the affinity of its scale-1 pass, which in eval mode is the plain forward
     probs = cam_probs(net, image, label, cfg, ("cam", "par", "rw"), True, out_size, affinity_scale=1.0)
-    # max(...).indices = argmax(dim=0), faster on CPU
     maps = {"seg": seg.max(dim=0).indices, "cam": probs["cam"].max(dim=0).indices,
             "afa": probs["rw"].max(dim=0).indices, "par": probs["par"].max(dim=0).indices}
     return maps, out.cls_logits
@@ -289,7 +312,8 @@ def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device
     - afa: those CAMs propagated by the random walk with the affinity of the plain (scale 1)
       forward pass on its token grid, background score ``afa.bg_threshold_eval`` (0.35), no PAR;
     - seg: the seg head, one scale, no flip, no CRF;
-    - par (ours, not in the authors' logs): the cam probabilities refined by PAR.
+    - par (ours, not in the authors' logs): the cam probabilities refined by PAR;
+    - a ToCo network (model.method "toco") has no afa row but "cam_aux": the auxiliary CAMs as the cam row.
 
     ``limit`` > 0: the fixed subset of :func:`validation_subset` only. The network is put in eval mode and restored;
     under torch.distributed each rank takes every world-th image and the matrices are summed.
@@ -298,7 +322,8 @@ def validate(network: nn.Module, dataset: Any, cfg: Config, device: torch.device
     rank, world = rank_and_world()
     indices = validation_subset(len(dataset), limit)[rank::world]
     names = dataset.class_names
-    matrices = {k: ConfusionMatrix(dataset.num_classes, device=device, class_names=names) for k in VAL_KEYS}
+    matrices = {k: ConfusionMatrix(dataset.num_classes, device=device, class_names=names)
+                for k in validation_keys(network)}
     scores = ImageScores(dataset.num_classes - 1, device=device)
     net = unwrap(network)
     was_training = net.training

@@ -81,6 +81,15 @@ from wsss.method.pseudo_labels import cam_maps, present_classes, pseudo_labels
 logger = logging.getLogger(__name__)
 
 LOSS_NAMES = ("total", "cls", "seg", "aff", "reg")
+
+
+def loss_names(cfg: Config) -> tuple[str, ...]:
+    """The losses a step of model.method returns and the logs show."""
+    if cfg.model.method == "toco":
+        from wsss.engine.toco_step import TOCO_LOSS_NAMES
+
+        return TOCO_LOSS_NAMES
+    return LOSS_NAMES
 MAX_LOGGED_IMAGES = 4  # images of a batch shown in a TensorBoard grid
 
 
@@ -334,13 +343,16 @@ def train_step(
     """
     micro_batches = batch if isinstance(batch, list) else [batch]
     n = len(micro_batches)
+    micro_step = _micro_step
+    if cfg.model.method == "toco":
+        from wsss.engine.toco_step import toco_micro_step as micro_step
     sums: dict[str, Tensor] = {}
     out = pseudo = None
     for j, micro in enumerate(micro_batches):
         last = j == n - 1
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
-            total, losses, out, pseudo = _micro_step(model, micro, iteration, cfg, device, timer)
+            total, losses, out, pseudo = micro_step(model, micro, iteration, cfg, device, timer)
             with timer.phase("backward"):
                 scaled = total / n if n > 1 else total
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -608,7 +620,12 @@ class _Run:
         self.work_dir = Path(tc.work_dir)
         self.logs: RunLogger | None = None
         ckpt = _load_resume_checkpoint(resume, cfg, ctx) if resume is not None else None
-        self.dataset = build_dataset(cfg.data, cfg.data.train_split, train=True)
+        views = None
+        if cfg.model.method == "toco":
+            from wsss.data.transforms import ToCoViews
+
+            views = ToCoViews.from_config(cfg)
+        self.dataset = build_dataset(cfg.data, cfg.data.train_split, train=True, views=views)
         # each image at its own size, as the authors validate
         self.val_dataset = (build_dataset(cfg.data, cfg.data.val_split, train=False, long_side=None)
                             if tc.val_interval > 0 else None)
@@ -624,8 +641,9 @@ class _Run:
             for text in run_header(cfg, ctx, self.micro, self.accumulation, self.dataset, self.per_epoch,
                                    self.iteration, ckpt is not None):
                 self.logs.line(text)
-            self.logs.line(f"AFA head on {'standardized' if self.network.attn_norm == 'standardize' else 'raw'} "
-                           f"attention logits (afa.attn_norm={cfg.afa.attn_norm})")
+            if cfg.model.method == "afa":
+                self.logs.line(f"AFA head on {'standardized' if self.network.attn_norm == 'standardize' else 'raw'} "
+                               f"attention logits (afa.attn_norm={cfg.afa.attn_norm})")
         self.last_saved = self.iteration if ckpt is not None else -1
         self.last_val: dict[str, float] = {}
         # stalled-learning check: the label prior from the dataset's image labels (no pass over the images);
@@ -742,7 +760,8 @@ class _Run:
         loader, sampler = build_train_loader(self.dataset, cfg, ctx, self.micro)
         find_unused = _needs_find_unused(cfg, self.iteration)
         model = _wrap(self.network, ctx, find_unused)
-        sums = {k: torch.zeros((), device=ctx.device) for k in LOSS_NAMES}
+        names = loss_names(cfg)
+        sums = {k: torch.zeros((), device=ctx.device) for k in names}
         since_log, last_losses = 0, {}
         log_every = tc.log_interval if tc.log_interval > 0 else tc.iterations
         ckpt_every = tc.ckpt_interval if tc.ckpt_interval > 0 else tc.iterations
@@ -760,7 +779,7 @@ class _Run:
             result = train_step(model, micro_batches, self.iteration, cfg, self.optimizer, self.scheduler,
                                 self.scaler, ctx.device)
             self.iteration += 1
-            for k in LOSS_NAMES:
+            for k in names:
                 sums[k] += result.losses[k]
             since_log += 1
             self.logs.advance()
@@ -846,9 +865,10 @@ def _log_losses(logs: RunLogger, sums: dict[str, Tensor], steps: int, optimizer:
     """Mean losses of the last ``steps`` iterations over all ranks (the one host sync per log interval) to
     the bar, train.log, TensorBoard / W&B and metrics.jsonl; the sums are reset -> the means.
     seconds: (of the interval, since the run started)."""
-    means = du.all_reduce_mean(torch.stack([sums[k] for k in LOSS_NAMES]) / steps).tolist()
-    losses = dict(zip(LOSS_NAMES, means))
-    for k in LOSS_NAMES:
+    names = tuple(sums)
+    means = du.all_reduce_mean(torch.stack([sums[k] for k in names]) / steps).tolist()
+    losses = dict(zip(names, means))
+    for k in names:
         sums[k].zero_()
     lr = optimizer.param_groups[0]["lr"]
     logs.scalars({**{f"loss/{k}": v for k, v in losses.items()}, "lr": lr}, iteration,
@@ -869,11 +889,17 @@ def _log_images(logs: RunLogger, network: nn.Module, batch: dict[str, Any], resu
     pseudo = result.pseudo
     seg_logits = result.seg_logits
     images = batch["image"][:MAX_LOGGED_IMAGES].to(device)
-    if pseudo is None or pseudo.afa_label is None or seg_logits is None:
+    no_afa = pseudo is not None and pseudo.afa_label is None and cfg.model.method == "afa"
+    if pseudo is None or no_afa or seg_logits is None:
         labels = batch["label"][:MAX_LOGGED_IMAGES].to(device)
         valid_box = batch["valid_box"][:MAX_LOGGED_IMAGES].to(device)
         with fork_rng(device), torch.no_grad():
-            pseudo = make_pseudo_labels(network, images, labels, valid_box, cfg, with_afa=True)
+            if cfg.model.method == "toco":
+                from wsss.engine.toco_step import toco_pseudo_labels
+
+                pseudo = toco_pseudo_labels(network, images, labels, valid_box, cfg)
+            else:
+                pseudo = make_pseudo_labels(network, images, labels, valid_box, cfg, with_afa=True)
             if seg_logits is None:  # eval mode: BatchNorm statistics untouched
                 network.eval()
                 try:
