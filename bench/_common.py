@@ -30,7 +30,16 @@ def load_average(minutes: int = 1) -> str:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process, in bytes: Linux's VmHWM (the peak of this address space; a
+    spawned child's own, where ru_maxrss keeps the parent's peak across exec), else ru_maxrss (KiB on Linux,
+    bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -145,6 +154,23 @@ def synthetic_batch(batch: int, crop: int, classes: int, generator: torch.Genera
         rgb[..., crop - crop // 8 :] = 0
         images = (rgb / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     return {"image": images, "label": labels, "valid_box": torch.tensor([[0, crop, 0, crop - crop // 8]] * batch)}
+
+
+def exact_uint8_round_trip(images: torch.Tensor, denormalize_uint8: Callable[[torch.Tensor], torch.Tensor],
+                           mean: Sequence[float] = (123.675, 116.28, 103.53),
+                           std: Sequence[float] = (58.395, 57.12, 57.375)) -> torch.Tensor:
+    """Normalized 8-bit images -> the same images with pixels nudged up by an ulp until
+    ``denormalize_uint8`` (the official AFA / ToCo ``denormalize_img``: de-normalize, truncate to uint8) gives
+    back the 8-bit value they were made from, so that both sides de-normalize to the same image."""
+    s = torch.tensor(std).view(3, 1, 1)
+    m = torch.tensor(mean).view(3, 1, 1)
+    target = (images * s + m).round()
+    for _ in range(8):
+        bad = denormalize_uint8(images).float() != target
+        if not bad.any():
+            return images
+        images = torch.where(bad, torch.nextafter(images, torch.tensor(float("inf"))), images)
+    raise RuntimeError("could not make the synthetic images survive the official uint8 round trip")
 
 
 def timed_step(step: Callable[[], Any], timer: Any, cuda: bool = False) -> dict[str, float]:

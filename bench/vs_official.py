@@ -260,7 +260,7 @@ class OfficialSide:
         sys.path.append(str(STUBS / "fallback"))  # only where the real package is missing
         import numpy as np
         import torch
-        from _common import synthetic_batch
+        from _common import exact_uint8_round_trip, synthetic_batch
         from utils import camutils, imutils, losses
         from utils.optimizer import PolyWarmupAdamW
         from wetr.model_attn_aff import WeTr
@@ -306,7 +306,7 @@ class OfficialSide:
         generator = torch.Generator().manual_seed(args.seed)
         batch = synthetic_batch(args.batch, crop, NUM_CLASSES - 1, generator, (0.485, 0.456, 0.406),
                                 (0.229, 0.224, 0.225))
-        batch["image"] = self._exact_round_trip(batch["image"])
+        batch["image"] = exact_uint8_round_trip(batch["image"], self.imutils.denormalize_img)
         self.inputs, self.cls_labels, self.img_box = batch["image"], batch["label"], batch["valid_box"]
         self.bkg_cls = torch.ones(size=(args.batch, 1))
         torch.save(batch, workdir / "batch.pt")
@@ -325,20 +325,6 @@ class OfficialSide:
             "iteration timed": self.n_iter,
             "parameters": sum(p.numel() for p in self.wetr.parameters()),
         }
-
-    def _exact_round_trip(self, images: Any) -> Any:
-        """Nudge pixels up by an ulp until the official ``denormalize_img`` (uint8 truncation) gives back the
-        8-bit value they were made from."""
-        torch = self.torch
-        std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-        mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
-        target = (images * std + mean).round()
-        for _ in range(8):
-            bad = self.imutils.denormalize_img(images).float() != target
-            if not bad.any():
-                return images
-            images = torch.where(bad, torch.nextafter(images, torch.tensor(float("inf"))), images)
-        raise RuntimeError("could not make the synthetic images survive the official uint8 round trip")
 
     def set_thresholds(self, high: float, low: float) -> None:
         """The two background scores (the script's --high_thre / --low_thre) of the next iterations."""

@@ -172,7 +172,8 @@ class CamConfig:
     flip: bool = True  # add the horizontal flip at each CAM scale (elementwise max)
     bg_threshold_high: float = 0.55  # background score of the training labels: foreground must beat it
     bg_threshold_low: float = 0.35  # background score below which a pixel is sure background; between: ignored
-    bg_threshold_eval: float = 0.45  # the one background score of CAM labels in validation and evaluation
+    # the one background score of CAM labels in validation and evaluation (ToCo: also of the PTC token label)
+    bg_threshold_eval: float = 0.45
     # Training's scale-1 unflipped CAMs: "always" = from the training pass (one forward less per iteration; with
     # drop-path another random sample than a separate pass, docs/method.md sec. 11.4); "exact" = only where that is
     # identical (no active drop-path / dropout / batch-statistics BatchNorm); "never" = a separate pass (official).

@@ -104,7 +104,7 @@ def toco_micro_step(model: nn.Module, batch: dict[str, Any], iteration: int, cfg
         with torch.no_grad():
             grid_cams = resize(aux_cams, tokens.shape[-2:])
             token_labels = token_label(grid_cams, labels, high, low, valid_box, tuple(images.shape[-2:]), ignore,
-                                       t.ptc_label_box)
+                                       t.ptc_label_box, bg=cfg.cam.bg_threshold_eval)
             pairs = token_pair_labels(token_labels, ignore)
         ptc_loss = patch_token_contrast_loss(tokens.float(), pairs)
         contrast = 1.0 if iteration >= t.contrast_from_iter else 0.0  # official COCO: weight 0 at first

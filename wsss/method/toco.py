@@ -30,17 +30,19 @@ from wsss.method.cam import box_mask
 
 
 def token_label(cams: Tensor, labels: Tensor, high: float, low: float, valid_box: Tensor | None, image_size: tuple,
-                ignore_index: int = 255, box_mode: str = "official") -> Tensor:
+                ignore_index: int = 255, box_mode: str = "official", bg: float = 0.0) -> Tensor:
     """cams [B, K, h, w] in [0, 1] (the auxiliary CAMs resized to the token grid), labels [B, K], valid_box long
     [B, 4] in pixels of the ``image_size`` crop -> long [B, h, w]: class k + 1 where the largest present CAM is
-    above ``high``, 0 where it is at or below ``low``, ignore between and outside the box.
+    above ``high`` and ``bg``, 0 where it is at or below ``low`` (or above ``high`` but not ``bg``: the official
+    ``cam_to_label`` applies its background score first, so ``bg`` counts only when above ``high``), ignore
+    between ``low`` and ``high`` and outside the box.
 
     ``box_mode`` "official": the pixel box slices the token grid as in the official ``cam_to_label`` (a token
     row r is inside when y0 <= r < y1 in pixels); "grid": a token is inside when its centre pixel is.
     """
     value, index = (cams * labels[:, :, None, None].to(cams.dtype)).max(dim=1)
     label = torch.where(value > high, index + 1, torch.full_like(index, ignore_index))
-    label = label.masked_fill(value <= low, 0)
+    label = label.masked_fill((value <= low) | ((value > high) & (value <= bg)), 0)
     if valid_box is None:
         return label
     h, w = label.shape[-2:]

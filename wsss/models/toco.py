@@ -10,7 +10,7 @@ teacher, :mod:`wsss.models.toco_heads`) and a LargeFOV seg head on the last toke
 :class:`ToCoViT` runs a timm VisionTransformer as the official ``forward_features``: patch embedding, the
 position embedding resampled bicubically (no anti-aliasing) to the input's grid at every call, the blocks, the
 final norm; it returns the class token and the patch tokens after the norm, and the patch tokens of block
-``aux_layer`` before it. The optimizer groups are AFA's five (:func:`wsss.models.network.param_groups`): the
+``aux_layer`` before it. As there, the position embedding is not trained. The optimizer groups are AFA's five (:func:`wsss.models.network.param_groups`): the
 classifiers and the student projection head are the new heads (lr x ``train.head_lr_mult``); the teacher head
 has no gradient (it follows the student by :func:`wsss.models.toco_heads.ema_update`).
 """
@@ -43,6 +43,7 @@ class ToCoViT(nn.Module):
         if getattr(model, "cls_token", None) is None or model.num_prefix_tokens != 1 or model.no_embed_class:
             raise ConfigError(f"{name}: ToCo needs a ViT with one class token and no register tokens")
         self.model = model
+        model.pos_embed.requires_grad_(False)  # the official ViT keeps its (pretrained) position embedding fixed
         self.aux_index = aux_layer % depth
         self.patch_size = int(model.patch_embed.patch_size[0])
         self.embed_dim = int(model.embed_dim)
