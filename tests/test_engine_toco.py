@@ -51,7 +51,7 @@ def test_toco_step_losses_before_and_after_the_cam_warm_up(setup):
     timer = PhaseTimer()
     warm = train_step(network, toco_batch(), 0, cfg, optimizer, scheduler, None, torch.device("cpu"), timer)
     assert set(warm.losses) == set(loss_names(cfg))
-    assert warm.losses["seg"] == 0 and warm.losses["reg"] == 0 and warm.labels is None
+    assert warm.losses["seg"] == 0 and warm.losses["reg"] == 0 and warm.pseudo is None
     for name in ("cls", "cls_aux", "ptc", "ctc"):
         assert math.isfinite(warm.losses[name]) and warm.losses[name] > 0, name
     expected = (warm.losses["cls"] + warm.losses["cls_aux"] + cfg.toco.ptc_loss_weight * warm.losses["ptc"]
@@ -60,9 +60,9 @@ def test_toco_step_losses_before_and_after_the_cam_warm_up(setup):
     assert {"multiscale_cam", "forward", "losses"} <= set(timer.totals)
     after = train_step(network, toco_batch(1), cfg.train.cam_iters, cfg, optimizer, scheduler, None,
                        torch.device("cpu"))
-    assert after.losses["seg"] > 0 and after.labels is not None
-    assert after.labels.label.shape == (2, CROP, CROP)
-    assert (after.labels.label[1, CROP - 8 :] == cfg.data.ignore_index).all()  # the padding is ignored
+    assert after.losses["seg"] > 0 and after.pseudo is not None
+    assert after.pseudo.label.shape == (2, CROP, CROP)
+    assert (after.pseudo.label[1, CROP - 8 :] == cfg.data.ignore_index).all()  # the padding is ignored
     assert after.losses["reg"] > 0  # demo-toco keeps the dense-energy loss (0.05)
 
 

@@ -162,3 +162,30 @@ def test_local_crops_cut_the_images_at_the_corners_and_flag_mostly_certain_backg
             assert flags[n, k + 2].item() == float(share > 0.2), (n, k, share)
     assert flags[:, :2].eq(1).all()
     assert flags[0].tolist() == [1, 1, 0, 1, 0] and flags[1].tolist() == [1, 1, 1, 0, 1]
+
+
+def test_token_label_thresholds_like_the_official_cam_to_label_with_its_background_score():
+    from wsss.method.toco import token_label
+
+    cams = torch.tensor([0.1, 0.3, 0.45, 0.6, 0.8])[None, None, None, :].repeat(1, 2, 1, 1)  # [1, 2, 1, 5]
+    cams[0, 1] = 0.0
+    labels = torch.tensor([[1.0, 1.0]])
+    # high 0.7 above the background score 0.5: <= 0.25 background, up to 0.7 ignored, above: class 1
+    assert token_label(cams, labels, 0.7, 0.25, None, (16, 80), bg=0.5)[0, 0].tolist() == [0, 255, 255, 255, 1]
+    # high 0.35 below it: the background score wins between them (the official order of assignments)
+    assert token_label(cams, labels, 0.35, 0.2, None, (16, 80), bg=0.5)[0, 0].tolist() == [0, 255, 0, 1, 1]
+    assert token_label(cams, torch.tensor([[0.0, 1.0]]), 0.35, 0.2, None, (16, 80), bg=0.5)[0, 0].tolist() == [0] * 5
+
+
+def test_token_label_box_modes_official_slices_the_grid_in_pixels_and_grid_scales_the_box():
+    from wsss.method.toco import token_label
+
+    cams = torch.ones(1, 1, 4, 4)
+    labels = torch.ones(1, 1)
+    box = torch.tensor([[0, 64, 0, 32]])  # a 64 x 64 crop whose right half is padding; 16-pixel tokens
+    official = token_label(cams, labels, 0.7, 0.25, box, (64, 64), box_mode="official")
+    grid = token_label(cams, labels, 0.7, 0.25, box, (64, 64), box_mode="grid")
+    assert (official == 1).all()  # pixel columns 0..31 cover all 4 token columns
+    assert (grid[0, :, :2] == 1).all() and (grid[0, :, 2:] == 255).all()
+    with pytest.raises(ValueError, match="box_mode"):
+        token_label(cams, labels, 0.7, 0.25, box, (64, 64), box_mode="pixels")

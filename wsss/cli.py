@@ -248,7 +248,7 @@ def pseudolabel(
     split: Optional[str] = typer.Option(None, help="dataset split to label (default: the run's data.train_split)"),
     out: Optional[Path] = typer.Option(
         None, help="output directory (default: <checkpoint folder>/pseudo_labels/<split>_<method>)"),
-    method: str = typer.Option("afa", help="cam | par | afa"),
+    method: Optional[str] = typer.Option(None, help="cam | par | afa (default: afa for AFA, par for ToCo)"),
     msc: bool = typer.Option(True, help="multi-scale + flip CAMs"),
     crf: bool = typer.Option(False, help="refine with DenseCRF (needs pydensecrf2)"),
     save_probs: bool = typer.Option(False, help="also save class probabilities (.npy, float16)"),
@@ -259,7 +259,7 @@ def pseudolabel(
     """Write pseudo labels (VOC-palette PNGs) for a split; restartable and torchrun-aware."""
     from wsss.engine.inference import generate_pseudo_labels
 
-    if method not in ("cam", "par", "afa"):
+    if method is not None and method not in ("cam", "par", "afa"):
         raise WsssError(f"--method must be one of cam, par, afa; got '{method}'")
     result = generate_pseudo_labels(
         checkpoint, split=split, out_dir=out, method=method, msc=msc, crf=crf, save_probs=save_probs,

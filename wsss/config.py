@@ -429,7 +429,7 @@ def validate(cfg: Config) -> None:
         (0 < cfg.cam.bg_threshold_low <= cfg.cam.bg_threshold_high < 1,
          "cam thresholds must satisfy 0 < bg_threshold_low <= bg_threshold_high < 1"),
         (len(cfg.cam.scales) > 0 and all(s > 0 for s in cfg.cam.scales), "cam.scales must be positive numbers"),
-        (cfg.afa.affinity_scale in cfg.cam.scales,
+        (cfg.model.method != "afa" or cfg.afa.affinity_scale in cfg.cam.scales,
          f"afa.affinity_scale ({cfg.afa.affinity_scale}) must be one of cam.scales {cfg.cam.scales}"),
         (cfg.afa.attn_blocks >= 1, "afa.attn_blocks must be >= 1"),
         (cfg.afa.radius >= 0, "afa.radius must be >= 0"),

@@ -112,6 +112,7 @@ def _cam_pass(
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"cam_probs expects one image [1, 3, h, w], got shape {tuple(image.shape)}")
     net = unwrap(network)
+    check_cam_methods(net, methods)
     label = label.reshape(1, -1).to(image.device, torch.float32)
     if "afa" not in methods and "rw" not in methods:
         affinity_scale = None
@@ -127,6 +128,19 @@ def _cam_pass(
     if affinity_scale is not None and maps.affinity is None:
         raise WsssError("the network returned no affinity; method 'afa' needs the AFA affinity head")
     return maps, denormalize(image.float(), cfg.data.mean, cfg.data.std), params
+
+
+def default_cam_method(network: nn.Module) -> str:
+    """The pseudo labels a network's method trains its seg head on: "afa" for AFA, "par" for ToCo."""
+    return "par" if getattr(unwrap(network), "method", "afa") == "toco" else "afa"
+
+
+def check_cam_methods(network: nn.Module, methods: Sequence[str]) -> None:
+    """A WsssError when ``methods`` ask for the random walk of a network without AFA's affinity head."""
+    if getattr(unwrap(network), "method", "afa") != "afa" and {"afa", "rw"} & set(methods):
+        raise WsssError("'afa' (the random walk with AFA's learned affinity) needs an AFA network; this "
+                        f"checkpoint is model.method '{unwrap(network).method}', which has no affinity head: use "
+                        "cam or par")
 
 
 def cam_probs(
@@ -376,7 +390,7 @@ def generate_pseudo_labels(
     checkpoint: str | Path,
     split: str | None = None,
     out_dir: str | Path | None = None,
-    method: str = "afa",
+    method: str | None = None,
     msc: bool = True,
     crf: bool = False,
     save_probs: bool = False,
@@ -386,7 +400,8 @@ def generate_pseudo_labels(
 ) -> dict[str, Any]:
     """Write pseudo labels of ``split`` as VOC-palette PNGs ``<out_dir>/<name>.png``.
 
-    method: "cam" | "par" | "afa" (see :func:`predict_cam_probs`), from the GT image labels
+    method: "cam" | "par" | "afa" (see :func:`predict_cam_probs`; default :func:`default_cam_method`, what the
+    network's method trains its seg head on), from the GT image labels
     of the split (the standard WSSS protocol), at the original image size; msc: multi-scale
     + flip CAMs (``cam.scales``); crf: DenseCRF (``eval.crf_*``) in ``eval.crf_workers``
     processes; save_probs: also ``<name>.npy`` (float16 [C, H, W] class probabilities).
@@ -404,9 +419,11 @@ def generate_pseudo_labels(
     """
     from wsss.data.datasets import build_dataset
 
-    if method not in CAM_METHODS:
+    if method is not None and method not in CAM_METHODS:
         raise WsssError(f"method must be one of {', '.join(CAM_METHODS)}; got '{method}'")
     network, cfg, meta = load_for_inference(checkpoint, overrides, data_root)
+    method = method or default_cam_method(network)
+    check_cam_methods(network, [method])
     split = split or cfg.data.train_split
     with joined(cfg.train.device) as ctx:
         network.to(ctx.device)
@@ -558,6 +575,7 @@ def evaluate_checkpoint(
     bg_thresholds = tuple(float(t) for t in bg_thresholds)
     _check_bg_thresholds(bg_thresholds, target, crf, save_dir)
     network, cfg, _ = load_for_inference(checkpoint, overrides, data_root)
+    check_cam_methods(network, [target])
     with joined(cfg.train.device) as ctx:
         device = ctx.device
         network.to(device)
