@@ -23,7 +23,7 @@ CROP = 64
 TOCO_TINY = ["model.pretrained=none", f"data.crop_size={CROP}", "data.batch_size=2", "data.total_batch_size=2",
              "data.num_workers=0", "toco.local_crop_size=32", "toco.num_local_crops=2", "cam.scales=[1.0]",
              "train.precision=fp32", "train.device=cpu", "train.cam_iters=2", "train.warmup_iters=1",
-             "train.iterations=4", "par.iterations=2"]
+             "train.iterations=4", "par.iterations=2", "train.reg_loss_weight=0.05"]  # the reg loss on: its path runs
 
 
 def toco_batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -63,7 +63,7 @@ def test_toco_step_losses_before_and_after_the_cam_warm_up(setup):
     assert after.losses["seg"] > 0 and after.pseudo is not None
     assert after.pseudo.label.shape == (2, CROP, CROP)
     assert (after.pseudo.label[1, CROP - 8 :] == cfg.data.ignore_index).all()  # the padding is ignored
-    assert after.losses["reg"] > 0  # demo-toco keeps the dense-energy loss (0.05)
+    assert after.losses["reg"] > 0  # the dense-energy loss counts after the warm-up too
 
 
 def test_the_seg_head_and_every_head_train_once_the_warm_up_is_over(setup):
@@ -193,6 +193,10 @@ def test_a_toco_checkpoint_goes_through_eval_pseudolabel_predict_and_export(trai
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(list(pred.glob("*.png"))) == 12 and read_label_png(pred / "val_0000.png").shape == (64, 64)
 
+    out = wsss_here("viz", "--checkpoint", str(ckpt), "--split", "val", "--limit", "2", "--out", str(tmp_path / "viz"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list((tmp_path / "viz").glob("*.png"))) >= 2
+
     import wsss
 
     loaded = wsss.load_model(model, device="cpu")
@@ -211,3 +215,21 @@ def test_demo_with_method_toco_prints_its_table(demo_data, tmp_path, wsss_here):
     assert "AFA" not in rows
     for row in ("CAM", "PAR-refined", "seg"):
         assert any(line.strip().startswith(row) for line in out.stdout.splitlines()), row
+
+
+def test_the_toco_recipe_offline_is_one_line_naming_the_weights_and_the_key(demo_data, tmp_path):
+    """Hub weights (the recipes' default) with no network and no cache: one error line, as for MiT."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_cache"), "OMP_NUM_THREADS": "1"}
+    code = "import sys\nfrom wsss.cli import main\nsys.argv = ['wsss', *sys.argv[1:]]\nmain()"
+    out = subprocess.run([sys.executable, "-c", code, "train", "demo-toco", "--data-root", str(demo_data),
+                          "--work-dir", str(tmp_path / "w"), "model.pretrained=hub", "data.num_workers=0"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert "timm:vit_tiny_patch16_224" in errors[0] and "huggingface.co/timm/" in errors[0]
+    assert "model.pretrained to the file path" in errors[0] and "model.pretrained=none" in errors[0]

@@ -186,7 +186,8 @@ def run_demo(
     done = time.perf_counter()
     result = {
         "rows": rows, "baselines": baselines, "classifier": classifier, "work_dir": str(work_dir),
-        "method": cfg.model.method, "backbone": cfg.model.backbone, "pretrained": cfg.model.pretrained, "precision": cfg.train.precision,
+        "method": cfg.model.method, "backbone": cfg.model.backbone, "pretrained": cfg.model.pretrained,
+        "precision": cfg.train.precision,
         "iterations": summary["iteration"],
         "train_split": cfg.data.train_split, "val_split": cfg.data.val_split, "train_images": train_images,
         "val_images": seg.get("num_images"), "checkpoint": str(checkpoint),

@@ -96,6 +96,11 @@ def toco_micro_step(model: nn.Module, batch: dict[str, Any], iteration: int, cfg
         out = model(images, with_seg=not warmup, global_view2=view2, local_views=crops.flatten(0, 1))
 
     pseudo = None
+    if not warmup:
+        with timer.phase("pseudo_label_par"):
+            source = aux_cams if iteration < t.seg_label_from_aux_until else cams  # official COCO: aux first
+            # the host copy of the boxes, as AFA's step
+            pseudo = toco_pseudo_labels(network, images, labels, batch["valid_box"], cfg, source)
     with timer.phase("losses"):
         cls_loss = classification_loss(out.cls_logits.float(), labels)
         aux_loss = classification_loss(out.aux_cls_logits.float(), labels)
@@ -111,11 +116,7 @@ def toco_micro_step(model: nn.Module, batch: dict[str, Any], iteration: int, cfg
         total = (tc.cls_loss_weight * cls_loss + t.aux_cls_loss_weight * aux_loss
                  + contrast * (t.ptc_loss_weight * ptc_loss + t.ctc_loss_weight * ctc_loss))
         seg_loss = reg_loss = cls_loss.new_zeros(())
-        if not warmup:
-            with timer.phase("par"):
-                # the host copy of the boxes, as AFA's step
-                source = aux_cams if iteration < t.seg_label_from_aux_until else cams  # official COCO: aux first
-                pseudo = toco_pseudo_labels(network, images, labels, batch["valid_box"], cfg, source)
+        if pseudo is not None:
             seg_loss = balanced_seg_loss(out.seg_logits.float(), pseudo.label, ignore)
             total = total + tc.seg_loss_weight * seg_loss
             if tc.reg_loss_weight > 0:

@@ -81,16 +81,16 @@ from wsss.method.pseudo_labels import cam_maps, present_classes, pseudo_labels
 logger = logging.getLogger(__name__)
 
 LOSS_NAMES = ("total", "cls", "seg", "aff", "reg")
+MAX_LOGGED_IMAGES = 4  # images of a batch shown in a TensorBoard grid
 
 
 def loss_names(cfg: Config) -> tuple[str, ...]:
-    """The losses a step of model.method returns and the logs show."""
+    """The losses a step of model.method returns and the logs show (AFA's LOSS_NAMES, ToCo's TOCO_LOSS_NAMES)."""
     if cfg.model.method == "toco":
         from wsss.engine.toco_step import TOCO_LOSS_NAMES
 
         return TOCO_LOSS_NAMES
     return LOSS_NAMES
-MAX_LOGGED_IMAGES = 4  # images of a batch shown in a TensorBoard grid
 
 
 # --------------------------------------------------------------------------- timing hook

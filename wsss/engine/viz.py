@@ -346,7 +346,8 @@ def _compute_maps(
         classes = [int(k) + 1 for k in torch.nonzero(label_t[0] > 0).flatten().tolist()]
         # the maps are display maps in the label-file convention (255 = ignore)
         params = dataclasses.replace(pseudo_label_params(cfg), ignore_index=IGNORE_VALUE)
-        maps = cam_maps(network.cam_forward, x, label_t, params, cfg.afa.affinity_scale)
+        afa = getattr(network, "method", "afa") == "afa"  # a ToCo network has no affinity: no random-walk tile
+        maps = cam_maps(network.cam_forward, x, label_t, params, cfg.afa.affinity_scale if afa else None)
         seg = predict_seg(network, x, [1.0], flip=False, out_size=size).max(dim=0).indices
     cams = maps.cams
     labels_out = pseudo_labels(images01, maps, params, with_afa=bool(classes))

@@ -267,9 +267,15 @@ def create_timm_model(name: str, drop_path_rate: float = 0.0, pretrained: str = 
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 -- offline, unknown tag, HTTP errors: all mean "no weights"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            try:
+                hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+            except RuntimeError:  # an unknown pretrained tag
+                hub_id = None
+            where = f" (https://huggingface.co/{hub_id})" if hub_id else ""
             raise WsssError(
-                f"could not load the pretrained weights of timm:{name} from the hub: {exc}; "
-                "download them elsewhere and set model.pretrained to the file path"
+                f"could not load the pretrained weights of timm:{name} from the hub ({first}); download them{where} "
+                "and set model.pretrained to the file path, or model.pretrained=none to train from random weights"
             ) from None
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
