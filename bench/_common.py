@@ -135,25 +135,32 @@ def build_training(cfg: Any, num_classes: int, device: torch.device, seed: int =
 
 
 def synthetic_batch(batch: int, crop: int, classes: int, generator: torch.Generator | None = None,
-                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    toco_views: bool = False) -> dict[str, torch.Tensor]:
     """The benchmarks' fixed training batch: ``label`` [B, K] with 1 + i % 2 random classes for image i,
     ``image`` [B, 3, S, S] normalized, ``valid_box`` long [B, 4] = (0, S, 0, S - S // 8): the last S // 8
     columns are padding, as random crops have. Random numbers from ``generator`` (default: torch's global one).
 
     Without ``mean`` / ``std`` the images are standard normal. With them (RGB in [0, 1]) they are random 8-bit
     pixels normalized as the data pipeline does, ``(rgb / 255 - mean) / std``, with black padding (the official
-    pad colour), so that de-normalizing gives back 8-bit images, as with real data.
+    pad colour), so that de-normalizing gives back 8-bit images, as with real data. ``toco_views``: also
+    ``global_view2`` and ``local_image`` (ToCo's other views, ``wsss.data.transforms.ToCoViews``), made alike.
     """
     labels = torch.zeros(batch, classes)
     for i in range(batch):
         labels[i, torch.randperm(classes, generator=generator)[: 1 + i % 2]] = 1
-    if mean is None or std is None:
-        images = torch.randn(batch, 3, crop, crop, generator=generator)
-    else:
+
+    def images() -> torch.Tensor:
+        if mean is None or std is None:
+            return torch.randn(batch, 3, crop, crop, generator=generator)
         rgb = torch.randint(0, 256, (batch, 3, crop, crop), generator=generator).float()
         rgb[..., crop - crop // 8 :] = 0
-        images = (rgb / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    return {"image": images, "label": labels, "valid_box": torch.tensor([[0, crop, 0, crop - crop // 8]] * batch)}
+        return (rgb / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+    out = {"image": images(), "label": labels, "valid_box": torch.tensor([[0, crop, 0, crop - crop // 8]] * batch)}
+    if toco_views:
+        out.update(global_view2=images(), local_image=images())
+    return out
 
 
 def exact_uint8_round_trip(images: torch.Tensor, denormalize_uint8: Callable[[torch.Tensor], torch.Tensor],

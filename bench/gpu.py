@@ -1,10 +1,18 @@
-"""GPU benchmark of the AFA training iteration for the VOC recipe (issue 14, item 4), in one command; the last
-step of ``bench/gpu.sh`` (issue 25), which installs, tests and runs ``wsss train`` / ``wsss predict`` first.
+"""GPU benchmark of the training iteration of a recipe (AFA's VOC recipe by default; ToCo's with
+``--config voc-toco``), in one command; the last steps of ``bench/gpu.sh``, which installs, tests and runs
+``wsss train`` / ``wsss predict`` first.
 
     python3 bench/gpu.py                        # CUDA, the VOC recipe: bf16 / fp32, eager / torch.compile (~5 min)
     python3 bench/gpu.py --quick                # CUDA, the VOC recipe: 1 warm-up + 3 timed iterations, no compile
     python3 bench/gpu.py --device cpu --quick   # CPU test run: mit_tiny, crop 128, 1 timed iteration, no compile
     python3 bench/gpu.py --precisions bf16 --compile on --iters 20 --budget 300
+    python3 bench/gpu.py --config voc-toco --quick --precisions bf16   # ToCo: ViT-B/16, crop 448
+    python3 bench/gpu.py --config voc-toco --device cpu --quick        # ToCo CPU test run: ViT-Tiny, crop 128
+
+For a ToCo config the network is its ViT (``toco_micro_step``: CAM + auxiliary CAM passes, local crops, the
+two-view forward, PTC / CTC, seg and dense-energy losses), the batch carries ToCo's views, the iteration is
+``train.cam_iters`` (every loss on) and the precision check compares the PAR-refined CAM labels only (ToCo
+has no AFA label); the table has no "affinity + random walk" row.
 
 It needs the repository on the import path (``pip install -e .``, or ``PYTHONPATH=.`` as ``bench/gpu.sh`` sets).
 
@@ -108,14 +116,20 @@ def run_check(args: argparse.Namespace) -> dict:
                             cfg32.data.mean, cfg32.data.std)
     images, labels = (batch[k].to(device) for k in ("image", "label"))
     box = batch["valid_box"]  # on the host: refine_probs_to_label reads its values
-    out = {p: make_pseudo_labels(network, images, labels, box, cfg, with_afa=True)
-           for p, cfg in (("fp32", cfg32), ("bf16", cfg16))}
+    toco = cfg32.model.method == "toco"
+    if toco:  # ToCo's seg target: the PAR-refined CAM label (no AFA label)
+        from wsss.engine.toco_step import toco_pseudo_labels
+
+        out = {p: toco_pseudo_labels(network, images, labels, box, cfg) for p, cfg in (("fp32", cfg32), ("bf16", cfg16))}
+    else:
+        out = {p: make_pseudo_labels(network, images, labels, box, cfg, with_afa=True)
+               for p, cfg in (("fp32", cfg32), ("bf16", cfg16))}
     ref, low = out["fp32"], out["bf16"]
     ignore = cfg32.data.ignore_index
     result: dict[str, Any] = {"seconds": time.perf_counter() - start, "pixels": ref.label.numel(),
                               "cam_max_diff": (ref.cams - low.cams).abs().max().item(),
                               "cam_mean_diff": (ref.cams - low.cams).abs().mean().item()}
-    for name in ("label", "afa_label"):
+    for name in ("label",) if toco else ("label", "afa_label"):
         a, b = getattr(ref, name), getattr(low, name)
         labelled = (a != ignore) | (b != ignore)
         result[name] = {"agreement": (a == b).float().mean().item(),
@@ -135,8 +149,8 @@ def run_config(args: argparse.Namespace, precision: str, compiled: bool) -> dict
     cfg.train.compile = compiled
     cuda = device.type == "cuda"
     model, optimizer, scheduler, scaler = build_training(cfg, args.classes + 1, device)
-    batch = synthetic_batch(args.batch, args.crop, args.classes)
-    iteration = max(cfg.train.afa_label_iter, cfg.train.cam_iters)
+    batch = synthetic_batch(args.batch, args.crop, args.classes, toco_views=cfg.model.method == "toco")
+    iteration = max(cfg.train.afa_label_iter, cfg.train.cam_iters) if cfg.model.method == "afa" else cfg.train.cam_iters
     timer = PhaseTimer(device)
 
     def step() -> None:
@@ -220,18 +234,22 @@ def environment(cuda: bool) -> list[str]:
 def check_lines(res: dict, min_agreement: float) -> tuple[list[str], bool]:
     if "error" in res:
         return [f"bf16 vs fp32 pseudo labels: ERROR {res['error']}"], False
-    ok = all(res[k]["agreement"] >= min_agreement for k in ("label", "afa_label"))
+    keys = [k for k in ("label", "afa_label") if k in res]  # a ToCo run has no AFA label
+    ok = all(res[k]["agreement"] >= min_agreement for k in keys)
     title = (f"bf16 vs fp32 pseudo labels (same weights and batch, eval mode, {res['pixels']} pixels, "
              f"{res['seconds']:.1f} s):")
     lines = [title]
     for key, name in (("label", "PAR label"), ("afa_label", "AFA label")):
+        if key not in res:
+            continue
         r = res[key]
         foreground = 1 - r["ignore"] - r["background"]
         lines.append(f"  {name:<10} agreement {100 * r['agreement']:8.4f} %  (not gated: {100 * r['labelled_agreement']:.2f} % "
                      f"on the pixels either labels; fp32 label: {100 * r['ignore']:.1f} % ignore, "
                      f"{100 * r['background']:.1f} % background, {100 * foreground:.1f} % foreground)")
     lines.append(f"  CAMs       max |diff| {res['cam_max_diff']:.4g}, mean |diff| {res['cam_mean_diff']:.3g}")
-    lines.append(f"  {'PASS' if ok else 'FAIL'}: both agreements {'>=' if ok else 'must be >='} "
+    lines.append(f"  {'PASS' if ok else 'FAIL'}: {'both agreements' if len(keys) == 2 else 'the agreement'} "
+                 f"{'>=' if ok else 'must be >='} "
                  f"{100 * min_agreement:g} %")
     return lines, ok
 
@@ -244,10 +262,13 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
         header = f"{'':<26}" + "".join(f"{n:>20}" for n in names)
         lines += [header, "-" * len(header)]
         for phase in TRAIN_PHASES:
+            if phase == "affinity_random_walk" and args.method != "afa":
+                continue  # AFA's phase only
             lines.append(f"{PHASE_NAMES[phase]:<26}" + "".join(
                 f"{1e3 * ok[n]['median'][phase]:>12.1f} ms {100 * ok[n]['median'][phase] / ok[n]['median']['total']:>3.0f}%"
                 for n in names))
         lines.append("-" * len(header))
+        its = next(iter(ok.values()))["iterations"]
         rows = {
             "iteration (median)": lambda r: f"{1e3 * r['median']['total']:.1f} ms",
             "images / s": lambda r: f"{args.batch / r['median']['total']:.2f}",
@@ -255,15 +276,16 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
                 lambda r: f"{r['peak_gib']:.2f} GiB",
             "first iteration": lambda r: f"{r['first']:.1f} s",
             "compile (first - median)": lambda r: f"{r['first'] - r['median']['total']:.1f} s" if r["compiled"] else "-",
-            "20k iterations, 1 GPU": lambda r: f"{r['median']['total'] * r['iterations'] / 3600:.2f} h",
+            f"{its:,} iterations, 1 GPU": lambda r: f"{r['median']['total'] * r['iterations'] / 3600:.2f} h",
         }
         for label, cell in rows.items():
             lines.append(f"{label:<26}" + "".join(f"{cell(ok[n]):>20}" for n in names))
-        its = next(iter(ok.values()))["iterations"]
+        total = args.total_batch
         lines.append(f"hours = iteration seconds x {its} / 3600, at {args.batch} images per GPU per iteration, data "
-                     "loading not included. voc.yaml's total batch is 4 = 2 GPUs x 2: on 2 GPUs about these hours plus "
-                     "the DDP all-reduce (not measured here); on 1 GPU it accumulates 2 micro-batches per iteration, "
-                     "about twice these hours.")
+                     f"loading not included. {args.config}'s total batch is {total}: on {max(1, total // args.batch)} "
+                     f"GPUs of {args.batch} images about these hours plus the DDP all-reduce (not measured here); "
+                     f"on 1 GPU it accumulates {max(1, total // args.batch)} micro-batches per iteration, about "
+                     f"{max(1, total // args.batch)} times these hours.")
     for name, r in results.items():
         if "error" in r:
             lines.append(f"{name}: {r['error']}")
@@ -279,8 +301,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="1 warm-up + 3 timed iterations, no compile; on the CPU also mit_tiny, crop 128, 1 timed")
     parser.add_argument("--config", default="voc")
-    parser.add_argument("--backbone", default=None, help="default mit_b1 (--device cpu --quick: mit_tiny)")
-    parser.add_argument("--crop", type=int, default=None, help="default 512 (--device cpu --quick: 128)")
+    parser.add_argument("--backbone", default=None, help="default mit_b1 (--device cpu --quick: mit_tiny); "
+                        "ToCo configs: the config's ViT (--device cpu --quick: timm:vit_tiny_patch16_224)")
+    parser.add_argument("--crop", type=int, default=None, help="default 512, ToCo configs the config's (--device cpu "
+                        "--quick: 128)")
     parser.add_argument("--batch", type=int, default=2, help="images per GPU (per forward pass)")
     parser.add_argument("--classes", type=int, default=20, help="foreground classes K (VOC: 20, + background)")
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"])
@@ -297,6 +321,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. par.iterations=10")
     args = parser.parse_args()
     tiny = args.quick and args.device == "cpu"
+    from wsss.config import load_config
+
+    recipe = load_config(args.config)
+    args.method = recipe.model.method
+    args.total_batch = recipe.data.total_batch_size
+    if args.method == "toco":  # the recipe's ViT-B/16 and crop 448; a ViT-Tiny at 128 for the CPU test run
+        args.backbone = args.backbone or ("timm:vit_tiny_patch16_224" if tiny else recipe.model.backbone)
+        args.crop = args.crop or (128 if tiny else recipe.data.crop_size)
+        if tiny:
+            args.overrides = ["toco.local_crop_size=32", *args.overrides]
     args.backbone = args.backbone or ("mit_tiny" if tiny else "mit_b1")
     args.crop = args.crop or (128 if tiny else 512)
     args.compile = args.compile or ("off" if args.quick else "both")
@@ -319,8 +353,10 @@ def main() -> None:
         print("bench/gpu.py: no CUDA device found (torch.cuda.is_available() is False); for a CPU test run use "
               "bash bench/gpu.sh --device cpu --quick", file=sys.stderr)
         sys.exit(2)
-    print(f"AFA training iteration benchmark: {args.config} recipe, {args.backbone}, crop {args.crop}, "
-          f"{args.batch} images per GPU, {args.classes} + 1 classes, full path (past afa_label_iter); random init, "
+    method = {"afa": "AFA", "toco": "ToCo"}[args.method]
+    print(f"{method} training iteration benchmark: {args.config} recipe, {args.backbone}, crop {args.crop}, "
+          f"{args.batch} images per GPU, {args.classes} + 1 classes, full path (past "
+          f"{'afa_label_iter' if args.method == 'afa' else 'cam_iters'}); random init, "
           f"synthetic batch; median of {args.iters} iterations after {args.warmup} warm-up", flush=True)
     for line in environment(cuda):
         print(line, flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA path end to end in one prepared command (issue 25), sized for 10 minutes of one H100 (default
-# --budget 500 s for steps 1-4, each step also capped; the machine's start and the transfers come on top):
+# --budget 500 s for steps 1-5, each step also capped; the machine's start and the transfers come on top):
 #
 #   0. wheels: .whl/*.whl (what the GPU image lacks, see --fetch-wheels) installed into /tmp/wsss-site, the
 #      repository put on PYTHONPATH (no pip install -e: nothing is built), the dependencies' versions printed;
@@ -10,7 +10,10 @@
 #      CAM warm-up, the PAR label and the AFA label, the real loader (pinned memory, 2 workers), a checkpoint
 #      and one validation at the end;
 #   3. predict: `wsss predict` of the val images with that checkpoint (multi-scale, overlays, probabilities);
-#   4. bench/gpu.py with the budget left: bf16 vs fp32 pseudo labels on a fixed input (PASS / FAIL), then
+#   4. toco: bench/gpu.py --config voc-toco --quick --precisions bf16 --compile off (at most 150 s): ToCo's
+#      recipe (ViT-B/16, crop 448): the bf16 vs fp32 PAR-label check, one eager bf16 configuration, the
+#      projected hours for its 20k iterations;
+#   5. bench/gpu.py with the budget left: bf16 vs fp32 pseudo labels on a fixed input (PASS / FAIL), then
 #      bf16 / fp32, eager / torch.compile: iteration time by phase, images/s, peak GPU memory, the first
 #      iteration, projected hours for 20k iterations.
 #
@@ -39,7 +42,7 @@ while [ $# -gt 0 ]; do
         --budget) BUDGET=${2:?--budget needs seconds}; shift 2 ;;
         --budget=*) BUDGET=${1#*=}; shift ;;
         --fetch-wheels) FETCH=1; shift ;;
-        -h|--help) sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) PASS+=("$1"); shift ;;
     esac
 done
@@ -158,9 +161,12 @@ if step train 150 "$PY" -m wsss train voc --data-root "$WORK/voc" --work-dir "$W
     ls -l "$WORK/pred" 2>/dev/null | tail -n +2
 fi
 
-# ---------------------------------------------------------------- 4. benchmark
+# ---------------------------------------------------------------- 4. ToCo, 5. benchmark
 GPU_ARGS=(--device "$DEVICE")
 [ "$QUICK" = 1 ] && GPU_ARGS+=(--quick)
+step toco 150 "$PY" bench/gpu.py --config voc-toco --device "$DEVICE" --quick --precisions bf16 --compile off \
+    --budget 130
+
 BENCH_BUDGET=$(($(left) - 15))
 step bench $((BENCH_BUDGET + 10)) "$PY" bench/gpu.py "${GPU_ARGS[@]}" --budget "$BENCH_BUDGET" "${PASS[@]}"
 
