@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from wsss.config import Config
 from wsss.data.transforms import denormalize
 from wsss.engine.runtime import autocast, pseudo_label_params, unwrap
-from wsss.method.cam import box_mask, multiscale_cam, refine_cams_to_label
+from wsss.engine.trainer import dense_energy_term
+from wsss.method.cam import multiscale_cam, refine_cams_to_label
 from wsss.method.losses import balanced_seg_loss, classification_loss
 from wsss.method.ops import resize
 from wsss.method.toco import (
@@ -120,12 +121,7 @@ def toco_micro_step(model: nn.Module, batch: dict[str, Any], iteration: int, cfg
             seg_loss = balanced_seg_loss(out.seg_logits.float(), pseudo.label, ignore)
             total = total + tc.seg_loss_weight * seg_loss
             if tc.reg_loss_weight > 0:
-                from wsss.method.regularization import dense_energy_loss
-
-                images01 = denormalize(images.float(), cfg.data.mean, cfg.data.std)
-                valid = box_mask(valid_box, images.shape[-2:])
-                reg_loss = dense_energy_loss(images01, out.seg_logits.float(), valid, tc.reg_sigma_rgb,
-                                             tc.reg_sigma_xy, tc.reg_scale, tc.reg_radius)
+                reg_loss = dense_energy_term(images, out.seg_logits, valid_box, cfg)
                 total = total + tc.reg_loss_weight * reg_loss
     losses = {"total": total, "cls": cls_loss, "cls_aux": aux_loss, "ptc": ptc_loss, "ctc": ctc_loss,
               "seg": seg_loss, "reg": reg_loss}

@@ -301,15 +301,22 @@ def _micro_step(
             aff_loss = affinity_loss(out.affinity.float(), aff_target)
             total = total + tc.seg_loss_weight * seg_loss + tc.aff_loss_weight * aff_loss
             if tc.reg_loss_weight > 0:
-                from wsss.method.regularization import dense_energy_loss
-
-                images01 = denormalize(images.float(), cfg.data.mean, cfg.data.std)
-                valid = box_mask(valid_box, images.shape[-2:])
-                reg_loss = dense_energy_loss(images01, out.seg_logits.float(), valid, tc.reg_sigma_rgb,
-                                             tc.reg_sigma_xy, tc.reg_scale, tc.reg_radius)
+                reg_loss = dense_energy_term(images, out.seg_logits, valid_box, cfg)
                 total = total + tc.reg_loss_weight * reg_loss
     losses = {"total": total, "cls": cls_loss, "seg": seg_loss, "aff": aff_loss, "reg": reg_loss}
     return total, losses, out, pseudo
+
+
+def dense_energy_term(images: Tensor, seg_logits: Tensor, valid_box: Tensor, cfg: Config) -> Tensor:
+    """The dense-energy loss (train.reg_*) of ``seg_logits`` on the normalized crops ``images`` [B, 3, H, W],
+    the padding outside ``valid_box`` [B, 4] left out; unweighted."""
+    from wsss.method.regularization import dense_energy_loss
+
+    tc = cfg.train
+    images01 = denormalize(images.float(), cfg.data.mean, cfg.data.std)
+    valid = box_mask(valid_box, images.shape[-2:])
+    return dense_energy_loss(images01, seg_logits.float(), valid, tc.reg_sigma_rgb, tc.reg_sigma_xy, tc.reg_scale,
+                             tc.reg_radius)
 
 
 def zero_fill_grads(model: nn.Module) -> None:
