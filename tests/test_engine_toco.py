@@ -233,3 +233,28 @@ def test_the_toco_recipe_offline_is_one_line_naming_the_weights_and_the_key(demo
     assert len(errors) == 1, out.stderr[-3000:]
     assert "timm:vit_tiny_patch16_224" in errors[0] and "huggingface.co/timm/" in errors[0]
     assert "model.pretrained to the file path" in errors[0] and "model.pretrained=none" in errors[0]
+
+
+@pytest.mark.slow
+def test_a_stopped_toco_run_resumes_to_the_weights_of_a_straight_run(demo_data, tmp_path):
+    """Across the CAM warm-up (cam_iters 2): student, teacher (EMA), optimizer and random streams restored."""
+    from wsss.engine.trainer import train
+
+    def config(work):
+        return load_config("demo-toco", [*TOCO_TINY, f"data.root={demo_data}", f"train.work_dir={work}",
+                                         "train.val_interval=0", "train.ckpt_interval=100", "train.log_interval=2"])
+
+    train(config(tmp_path / "straight"))
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    cfg = config(tmp_path / "resumed")
+    assert train(cfg, stop_after=2)["iteration"] == 2
+    paused = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    for head in ("proj_head_t.", "seg_head."):  # the last 2 iterations move the teacher and the seg head
+        assert any(not torch.equal(paused["model"][k], v) for k, v in straight["model"].items() if k.startswith(head))
+    assert train(cfg, resume=tmp_path / "resumed" / "last.pt")["iteration"] == 4
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert any(k.startswith("proj_head_t.") for k in straight["model"])
+    for name, value in straight["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
