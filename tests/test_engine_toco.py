@@ -258,3 +258,28 @@ def test_a_stopped_toco_run_resumes_to_the_weights_of_a_straight_run(demo_data, 
         assert torch.equal(resumed["model"][name], value), name
     for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+@pytest.mark.slow
+def test_a_two_process_toco_run_through_the_warm_up_validation_and_checkpoints(demo_data, tmp_path):
+    """torchrun, two Gloo processes on the CPU: the warm-up (no seg head), then every loss, validation sharded
+    over the ranks, the EMA teacher stepped on each rank, checkpoints from rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    work = tmp_path / "ddp"
+    overrides = [o for o in TOCO_TINY if not o.startswith(("data.batch_size", "data.total_batch_size"))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "wsss.cli",
+           "train", "demo-toco", "--data-root", str(demo_data), "--work-dir", str(work), *overrides,
+           "data.batch_size=2", "data.total_batch_size=4", "train.val_interval=2", "train.ckpt_interval=2",
+           "train.log_interval=1", "eval.long_side=64"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    last = torch.load(work / "last.pt", weights_only=True)
+    assert last["iteration"] == 4 and len(last["rng"]["per_rank"]) == 2
+    log = (work / "train.log").read_text()
+    assert "2 process(es)" in log and re.search(r"val mIoU .*cam_aux", log), log[-2000:]
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    seg = [r["losses"]["seg"] for r in records if r.get("kind") == "train" and r.get("iteration", 0) > 2]
+    assert seg and all(math.isfinite(v) and v > 0 for v in seg)
