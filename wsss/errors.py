@@ -24,6 +24,12 @@ class DatasetError(WsssError):
     """A dataset directory, split file, image or mask that is missing or wrong."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def require(module: str, package: str | None = None, extra: str | None = None) -> ModuleType:
     """Import an optional dependency or raise a WsssError saying how to install it."""
     try:

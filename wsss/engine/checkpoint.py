@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from wsss.config import Config, apply_overrides, config_from_dict
-from wsss.errors import ConfigError, WsssError
+from wsss.errors import ConfigError, WsssError, first_line
 from wsss.files import atomic_write
 from wsss.models.weights import RANDOM_INIT
 
@@ -131,7 +131,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                             f"values, which are not loaded for safety ({reason[:200]})") from None
         raise WsssError(f"checkpoint '{path}' cannot be read (truncated or not a torch file?): {exc}") from None
     except Exception as exc:  # noqa: BLE001 -- a damaged file fails in many ways inside the unpickler
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise WsssError(f"checkpoint '{path}' cannot be read (truncated or not a torch file?): {first}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED_KEYS):
         raise WsssError(

@@ -43,7 +43,7 @@ from wsss.engine.metrics import ConfusionMatrix, ImageScores
 from wsss.engine.runner import (
     crf_pool, load_for_inference, run_over_split, save_label, save_npy, to_float16, to_label,
 )
-from wsss.engine.runtime import pseudo_label_params, unwrap
+from wsss.engine.runtime import network_method, pseudo_label_params, unwrap
 from wsss.errors import DatasetError, WsssError
 from wsss.files import atomic_write
 from wsss.method.ops import resize, scaled_size
@@ -132,14 +132,14 @@ def _cam_pass(
 
 def default_cam_method(network: nn.Module) -> str:
     """The pseudo labels a network's method trains its seg head on: "afa" for AFA, "par" for ToCo."""
-    return "par" if getattr(unwrap(network), "method", "afa") == "toco" else "afa"
+    return "par" if network_method(network) == "toco" else "afa"
 
 
 def check_cam_methods(network: nn.Module, methods: Sequence[str]) -> None:
     """A WsssError when ``methods`` ask for the random walk of a network without AFA's affinity head."""
-    if getattr(unwrap(network), "method", "afa") != "afa" and {"afa", "rw"} & set(methods):
+    if network_method(network) != "afa" and {"afa", "rw"} & set(methods):
         raise WsssError("'afa' (the random walk with AFA's learned affinity) needs an AFA network; this "
-                        f"checkpoint is model.method '{unwrap(network).method}', which has no affinity head: use "
+                        f"checkpoint is model.method '{network_method(network)}', which has no affinity head: use "
                         "cam or par")
 
 
@@ -268,7 +268,7 @@ VAL_KEYS = ("cam", "afa", "seg", "par", "cam_aux")
 
 def validation_keys(network: nn.Module) -> tuple[str, ...]:
     """What :func:`validate` scores for ``network``: AFA's cam / afa / seg / par, ToCo's cam / seg / par / cam_aux."""
-    if getattr(unwrap(network), "method", "afa") == "toco":
+    if network_method(network) == "toco":
         return ("cam", "seg", "par", "cam_aux")
     return ("cam", "afa", "seg", "par")
 
@@ -298,7 +298,7 @@ def _validation_maps(net: nn.Module, image: Tensor, label: Tensor, out_size: Seq
     out = net(image, with_seg=True, with_affinity=False)  # predict_seg at one scale without flip, + the classifier
     seg = resize(out.seg_logits.float(), out_size)[0]
     # max(...).indices = argmax(dim=0), faster on CPU
-    if getattr(net, "method", "afa") == "toco":  # no affinity; the auxiliary CAM as the official validate()
+    if network_method(net) == "toco":  # no affinity; the auxiliary CAM as the official validate()
         probs = cam_probs(net, image, label, cfg, ("cam", "par"), True, out_size)
         aux = cam_probs(_AuxCams(net), image, label, cfg, ("cam",), True, out_size)["cam"]
         maps = {"seg": seg.max(dim=0).indices, "cam": probs["cam"].max(dim=0).indices,
@@ -386,6 +386,19 @@ def _write_labels(outputs: Any, out: Path, save_probs: bool, cm: ConfusionMatrix
             cm.update(label, item["mask"].numpy())
 
 
+def _split_share(names: Sequence[str], out: Path, save_probs: bool, rank: int,
+                 world_size: int) -> tuple[list[int], list[int]]:
+    """This rank's share of a split's image indices (names[rank::world_size]) and the part of it still to write:
+    the images without their ``<name>.png`` (or ``<name>.npy`` with save_probs) in ``out``."""
+
+    def done(index: int) -> bool:
+        name = names[index]
+        return (out / f"{name}.png").is_file() and (not save_probs or (out / f"{name}.npy").is_file())
+
+    mine = list(range(rank, len(names), world_size))
+    return mine, [i for i in mine if not done(i)]
+
+
 def generate_pseudo_labels(
     checkpoint: str | Path,
     split: str | None = None,
@@ -433,12 +446,7 @@ def generate_pseudo_labels(
         out.mkdir(parents=True, exist_ok=True)
         _check_run_options(out, _run_options(checkpoint, meta, cfg, split, method, msc, crf), ctx.rank)
 
-        def done(index: int) -> bool:
-            name = dataset.names[index]
-            return (out / f"{name}.png").is_file() and (not save_probs or (out / f"{name}.npy").is_file())
-
-        mine = list(range(ctx.rank, len(dataset), ctx.world_size))
-        todo = [i for i in mine if not done(i)]
+        mine, todo = _split_share(dataset.names, out, save_probs, ctx.rank, ctx.world_size)
         cm = ConfusionMatrix(dataset.num_classes, device=ctx.device, class_names=dataset.class_names) if evaluate else None
 
         def predict(item: dict[str, Any]) -> Tensor:

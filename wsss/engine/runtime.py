@@ -42,6 +42,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def network_method(model: nn.Module) -> str:
+    """The training method a network implements ("afa" or "toco"), through any DDP / compile wrapper."""
+    return getattr(unwrap(model), "method", "afa")
+
+
 def compile_network(network: nn.Module, enabled: bool) -> nn.Module:
     """``train.compile``: the backbone compiled in place (``nn.Module.compile``, static shapes: one graph per
     input shape and grad mode), so parameter names and checkpoints stay those of the eager network -> network."""

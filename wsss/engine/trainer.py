@@ -70,7 +70,7 @@ from wsss.engine.runtime import (
     unwrap,
 )
 from wsss.engine.schedule import build_scheduler
-from wsss.errors import ConfigError, DatasetError, WsssError
+from wsss.errors import ConfigError, DatasetError, WsssError, first_line
 from wsss.logs import configure_logging
 from wsss.method.affinity import affinity_labels, label_to_grid
 from wsss.method.cam import CamFn, box_mask
@@ -564,7 +564,7 @@ def _restore(ckpt: dict[str, Any], resume: Path, network: nn.Module, optimizer: 
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise WsssError(f"cannot resume from '{resume}': it does not fit the network / optimizer built "
                         f"from this config ({first}); resume with the config it was trained with") from None
     if scaler is not None and ckpt.get("scaler"):

@@ -46,7 +46,7 @@ from wsss.data.transforms import EvalTransform, denormalize
 from wsss.engine.colors import colorize_label, heat_overlay
 from wsss.engine.inference import predict_seg
 from wsss.engine.metrics import ConfusionMatrix
-from wsss.engine.runtime import autocast, pseudo_label_params
+from wsss.engine.runtime import autocast, network_method, pseudo_label_params
 from wsss.errors import WsssError
 from wsss.method.ops import resize
 from wsss.method.pseudo_labels import cam_maps, pseudo_labels
@@ -346,7 +346,7 @@ def _compute_maps(
         classes = [int(k) + 1 for k in torch.nonzero(label_t[0] > 0).flatten().tolist()]
         # the maps are display maps in the label-file convention (255 = ignore)
         params = dataclasses.replace(pseudo_label_params(cfg), ignore_index=IGNORE_VALUE)
-        afa = getattr(network, "method", "afa") == "afa"  # a ToCo network has no affinity: no random-walk tile
+        afa = network_method(network) == "afa"  # a ToCo network has no affinity: no random-walk tile
         maps = cam_maps(network.cam_forward, x, label_t, params, cfg.afa.affinity_scale if afa else None)
         seg = predict_seg(network, x, [1.0], flip=False, out_size=size).max(dim=0).indices
     cams = maps.cams

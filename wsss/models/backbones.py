@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss.config import ModelConfig
-from wsss.errors import ConfigError, WsssError
+from wsss.errors import ConfigError, WsssError, first_line
 from wsss.models.attn_factors import AttnFactors, concat_attn, record_mode
 from wsss.models.mit import MIT_SPECS, create_mit
 from wsss.models.weights import RANDOM_INIT, load_state_dict_checked, read_state_dict
@@ -267,7 +267,7 @@ def create_timm_model(name: str, drop_path_rate: float = 0.0, pretrained: str = 
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 -- offline, unknown tag, HTTP errors: all mean "no weights"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             try:
                 hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
             except RuntimeError:  # an unknown pretrained tag

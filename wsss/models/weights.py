@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from wsss.errors import WsssError, require
+from wsss.errors import WsssError, first_line, require
 
 # Containers some training scripts wrap a state dict in.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
@@ -95,7 +95,7 @@ def download_from_hf(repo_id: str, filenames: tuple[str, ...]) -> Path:
             except remote_missing:
                 continue
             except Exception as exc:  # noqa: BLE001 -- network, auth, HTTP errors: all mean "no weights"
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise WsssError(f"could not get '{filename}' of '{repo_id}' from the Hugging Face hub ({first}); "
                                 f"{how}") from None
     finally:
