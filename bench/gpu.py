@@ -52,6 +52,7 @@ does not change the exit code). Trailing ``key=value`` arguments are config over
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -118,12 +119,10 @@ def run_check(args: argparse.Namespace) -> dict:
     box = batch["valid_box"]  # on the host: refine_probs_to_label reads its values
     toco = cfg32.model.method == "toco"
     if toco:  # ToCo's seg target: the PAR-refined CAM label (no AFA label)
-        from wsss.engine.toco_step import toco_pseudo_labels
-
-        out = {p: toco_pseudo_labels(network, images, labels, box, cfg) for p, cfg in (("fp32", cfg32), ("bf16", cfg16))}
+        from wsss.engine.toco_step import toco_pseudo_labels as label_fn
     else:
-        out = {p: make_pseudo_labels(network, images, labels, box, cfg, with_afa=True)
-               for p, cfg in (("fp32", cfg32), ("bf16", cfg16))}
+        label_fn = functools.partial(make_pseudo_labels, with_afa=True)
+    out = {p: label_fn(network, images, labels, box, cfg) for p, cfg in (("fp32", cfg32), ("bf16", cfg16))}
     ref, low = out["fp32"], out["bf16"]
     ignore = cfg32.data.ignore_index
     result: dict[str, Any] = {"seconds": time.perf_counter() - start, "pixels": ref.label.numel(),
@@ -280,12 +279,11 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
         }
         for label, cell in rows.items():
             lines.append(f"{label:<26}" + "".join(f"{cell(ok[n]):>20}" for n in names))
-        total = args.total_batch
+        gpus = max(1, args.total_batch // args.batch)  # the recipe's total batch in GPUs of args.batch images
         lines.append(f"hours = iteration seconds x {its} / 3600, at {args.batch} images per GPU per iteration, data "
-                     f"loading not included. {args.config}'s total batch is {total}: on {max(1, total // args.batch)} "
-                     f"GPUs of {args.batch} images about these hours plus the DDP all-reduce (not measured here); "
-                     f"on 1 GPU it accumulates {max(1, total // args.batch)} micro-batches per iteration, about "
-                     f"{max(1, total // args.batch)} times these hours.")
+                     f"loading not included. {args.config}'s total batch is {args.total_batch}: on {gpus} GPUs of "
+                     f"{args.batch} images about these hours plus the DDP all-reduce (not measured here); on 1 GPU it "
+                     f"accumulates {gpus} micro-batches per iteration, about {gpus} times these hours.")
     for name, r in results.items():
         if "error" in r:
             lines.append(f"{name}: {r['error']}")
