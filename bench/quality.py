@@ -114,6 +114,7 @@ TUNED: dict[str, Row] = {
     **{name: Row("digits", name) for name in ("default", "classes10", "texture", "small", "crowded", "gray")},
     "shapes": Row("shapes", "default"),
     "shapes-texture": Row("shapes", "texture"),
+    "shapes-fill": Row("shapes", "fill"),
 }
 # Fixed on 2026-12-05 before any tuning on the shapes generator, and never trained on while tuning: other
 # variants, other seeds (the data and the training seed differ from every tuned row), option mixes of both.
@@ -125,6 +126,9 @@ HELD_OUT: dict[str, Row] = {
     "ho-shapes-crowded": Row("shapes", "crowded", 23, (), True),
     "ho-shapes-classes10": Row("shapes", "classes10", 24, (), True),
     "ho-shapes-noise": Row("shapes", "noise", 25, (("object_size", (0.2, 0.5)),), True),
+    # Added on 2026-12-07 with the generator's class_cue "fill", before any training on a fill row.
+    "ho-shapes-fill": Row("shapes", "fill", 28, (), True),
+    "ho-shapes-fill-texture": Row("shapes", "fill", 29, (("fills", ("texture", "photo")), ("num_classes", 6)), True),
 }
 ROWS: dict[str, Row] = {**TUNED, **HELD_OUT}
 GROUPS = {"all": list(ROWS), "tuned": list(TUNED), "held-out": list(HELD_OUT)}

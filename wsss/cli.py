@@ -169,6 +169,8 @@ def data_shapes(
     occlusion: float = typer.Option(_SHAPES.occlusion, help="probability that a shape may hide part of others"),
     val_novel_fraction: float = typer.Option(
         _SHAPES.val_novel_fraction, help="share of val images drawn with geometry never seen in train"),
+    class_cue: str = typer.Option(
+        _SHAPES.class_cue, help="what tells the class: outline (its shape family) | fill (its hue; any shape)"),
 ) -> None:
     """Build the shapes dataset: random polygons, stars, rings, crosses, ... on photos (shares nothing with demo)."""
     from wsss.data.shapes import build_shapes_dataset
@@ -177,7 +179,7 @@ def data_shapes(
         out, seed=seed, num_classes=num_classes, image_size=image_size, num_train=num_train, num_val=num_val,
         objects_per_image=(min_objects, max_objects), object_size=(min_object_size, max_object_size),
         fills=tuple(f.strip() for f in fills.split(",") if f.strip()), background=background, occlusion=occlusion,
-        val_novel_fraction=val_novel_fraction,
+        val_novel_fraction=val_novel_fraction, class_cue=class_cue,
     )
     typer.echo(f"shapes dataset written to {path}")
 

@@ -49,6 +49,7 @@ SHAPE_NAMES: tuple[str, ...] = (
     "ring", "cross", "star", "triangle", "quad", "crescent", "arrow", "ellipse", "hexagon", "blob")
 FILLS = ("flat", "texture", "photo")
 BACKGROUNDS = ("photo", "noise", "mixed")
+CLASS_CUES = ("outline", "fill")
 SUPERSAMPLE = 4  # rasterisation factor: edges are anti-aliased, the mask is coverage >= 1/2
 MIN_VISIBLE = 0.5  # an occluded object keeps at least this share of its area visible
 PLACEMENT_TRIES = 50
@@ -69,6 +70,7 @@ class ShapesOptions:
     background: "photo" crops, "noise" (smooth random colour fields) or "mixed" (half each).
     occlusion: probability that an object may overlap (and hide part of) the earlier ones.
     val_novel_fraction: share of the val images whose objects use geometry never seen in train.
+    class_cue: "outline" (the shape family tells the class) or "fill" (the hue of the fill does).
     """
 
     seed: int = 0
@@ -82,6 +84,7 @@ class ShapesOptions:
     background: str = "mixed"
     occlusion: float = 0.2
     val_novel_fraction: float = 1 / 3
+    class_cue: str = "outline"
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_classes <= len(SHAPE_NAMES):
@@ -94,6 +97,8 @@ class ShapesOptions:
             raise WsssError(f"fills must be a non-empty list of {', '.join(FILLS)}, got {list(self.fills)}")
         if self.background not in BACKGROUNDS:
             raise WsssError(f"background must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
+        if self.class_cue not in CLASS_CUES:
+            raise WsssError(f"class_cue must be one of {', '.join(CLASS_CUES)}, got {self.class_cue!r}")
         if not 0 <= self.occlusion <= 1 or not 0 <= self.val_novel_fraction <= 1:
             raise WsssError(f"occlusion and val_novel_fraction must be in [0, 1], got {self.occlusion} "
                             f"and {self.val_novel_fraction}")
@@ -121,6 +126,7 @@ SHAPES_VARIANTS: dict[str, dict[str, Any]] = {
     "crowded": {"objects_per_image": (2, 5), "occlusion": 0.6},
     "classes10": {"num_classes": 10},
     "noise": {"background": "noise", "fills": ("flat",)},
+    "fill": {"class_cue": "fill"},
 }
 
 
@@ -216,27 +222,36 @@ def _background(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
     return _crop(rng, photos[rng.integers(len(photos))], size, size).astype(np.float32)
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
+def _random_colour(rng: np.random.Generator, hue: float | None = None) -> np.ndarray:
+    """A saturated colour, float [3] in 0..255: of a random hue, or of ``hue`` (in [0, 1), wrapping)."""
     import colorsys
 
     import numpy as np
 
-    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0))
+    h = rng.random() if hue is None else hue % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0))
     return np.array([r, g, b], dtype=np.float32) * 255.0
 
 
-def _fill(rng: np.random.Generator, h: int, w: int, kind: str) -> np.ndarray:
-    """Fill pixels for an object's box -> float [h, w, 3] in 0..255."""
+def _class_hue(rng: np.random.Generator, c: int, num_classes: int) -> float:
+    """Class ``c``'s hue under class_cue "fill": K evenly spaced hues, each object within a quarter of the gap."""
+    return (c + 0.5 + rng.uniform(-0.25, 0.25)) / num_classes
+
+
+def _fill(rng: np.random.Generator, h: int, w: int, kind: str, hue: float | None = None) -> np.ndarray:
+    """Fill pixels for an object's box -> float [h, w, 3] in 0..255; ``hue``: the colour of the fill (class_cue
+    "fill": flat in that hue, a texture tinted by it, a photo patch blended half with it), else random."""
     import numpy as np
 
     if kind == "flat":
-        return np.broadcast_to(_random_colour(rng), (h, w, 3))
+        return np.broadcast_to(_random_colour(rng, hue), (h, w, 3))
     if kind == "texture":
         greys = _grey_photos()
         patch = _crop(rng, greys[rng.integers(len(greys))], h, w)
-        return _random_colour(rng) * (0.25 + 0.75 * patch[..., None])
+        return _random_colour(rng, hue) * (0.25 + 0.75 * patch[..., None])
     photos = _photos()
-    return _crop(rng, photos[rng.integers(len(photos))], h, w).astype(np.float32)
+    patch = _crop(rng, photos[rng.integers(len(photos))], h, w).astype(np.float32)
+    return patch if hue is None else 0.5 * patch + 0.5 * _random_colour(rng, hue)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -369,20 +384,22 @@ def _draw_image(rng: np.random.Generator, o: ShapesOptions, index: int, novel: b
     owner = np.full((size, size), -1, dtype=np.int64)
     n = int(rng.integers(o.objects_per_image[0], o.objects_per_image[1] + 1))
     objects, areas = [], []
+    by_fill = o.class_cue == "fill"
     for c in _image_classes(rng, o.num_classes, n, index):
         long_side = max(6, int(round(rng.uniform(*o.object_size) * size)))
-        alpha = _rasterise(rng, SHAPE_NAMES[c], long_side, novel)
+        shape_name = SHAPE_NAMES[int(rng.integers(len(SHAPE_NAMES)))] if by_fill else SHAPE_NAMES[c]
+        alpha = _rasterise(rng, shape_name, long_side, novel)
         shape = alpha >= 0.5
         spot = _place(rng, owner, areas, shape, rng.random() < o.occlusion)
         if spot is None or not shape.any():
             continue
         (y, x), (h, w) = spot, shape.shape
-        fill = _fill(rng, h, w, str(rng.choice(o.fills)))
+        fill = _fill(rng, h, w, str(rng.choice(o.fills)), _class_hue(rng, c, o.num_classes) if by_fill else None)
         box = image[y:y + h, x:x + w]
         box[...] = box * (1 - alpha[..., None]) + fill * alpha[..., None]
         owner[y:y + h, x:x + w][shape] = len(objects)
         areas.append(int(shape.sum()))
-        objects.append({"shape": SHAPE_NAMES[c], "class": c + 1, "box": [y, y + h, x, x + w], "novel": novel})
+        objects.append({"shape": shape_name, "class": c + 1, "box": [y, y + h, x, x + w], "novel": novel})
     classes = np.array([obj["class"] for obj in objects] + [0], dtype=np.uint8)
     mask = classes[owner]  # owner -1 -> the appended 0: background
     for i, obj in enumerate(objects):
