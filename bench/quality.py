@@ -5,7 +5,7 @@ Two generators that share no material: ``wsss.data.demo`` (MNIST digits pasted o
 photos and noise fields; ``SHAPES_VARIANTS``). ``ROWS`` names every row: a generator, one of its variants, a
 seed and option changes. The rows are in two groups, fixed before the recipe was tuned on any of them:
 
-- tuned: the rows the recipe and the framework were developed on (the six digits variants, two shapes ones);
+- tuned: the rows the recipe and the framework were developed on (the six digits variants, three shapes ones);
 - held out (``HELD_OUT``): other variants and other seeds of both generators, never looked at while tuning.
   They tell a recipe that learns from one that fits its generator; the table prints them apart.
 
