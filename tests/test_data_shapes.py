@@ -142,30 +142,25 @@ def test_cli_builds_the_same_dataset(tmp_path, wsss_here):
     assert bad.returncode != 0 and "background must be one of" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def _hue_of_pixels(rgb: np.ndarray) -> np.ndarray:
-    """Hue in [0, 1) of float RGB rows [N, 3] (0..255)."""
-    import colorsys
-
-    return np.array([colorsys.rgb_to_hsv(*(p / 255.0))[0] for p in rgb])
-
-
 def test_fill_cue_gives_each_class_its_hue_and_any_outline(tmp_path):
     from PIL import Image
+    from skimage.color import rgb2hsv
 
     k = 4
     root = build_shapes_dataset(tmp_path / "f", class_cue="fill", fills=("flat",), background="noise",
                                 num_classes=k, occlusion=0.0, num_train=60, num_val=4, image_size=64)
     record = meta(root)
+    assert record["classes"] == ["background", "hue_0", "hue_1", "hue_2", "hue_3"]
     shapes_of = {c: set() for c in range(1, k + 1)}
     for name, objs in record["objects"]["train"].items():
-        image = np.asarray(Image.open(root / "JPEGImages" / f"{name}.jpg"), dtype=np.float64)
+        hues = rgb2hsv(np.asarray(Image.open(root / "JPEGImages" / f"{name}.jpg")))[..., 0]
         mask = read_label_png(root / "SegmentationClass" / f"{name}.png")
         for o in objs:
             shapes_of[o["class"]].add(o["shape"])
             inside = mask == o["class"]
             if inside.sum() < 30:
                 continue
-            hue = np.median(_hue_of_pixels(image[inside]))  # the flat fill, through JPEG
+            hue = np.median(hues[inside])  # the flat fill, through JPEG
             centre = (o["class"] - 0.5) / k  # class c (1-based) lies within a quarter of the gap of its centre
             assert min(abs(hue - centre), 1 - abs(hue - centre)) <= 0.3 / k, (name, o, hue)
     assert all(len(s) >= 3 for s in shapes_of.values()), shapes_of  # the outline does not tell the class

@@ -62,7 +62,7 @@ class ShapesOptions:
     """What ``build_shapes_dataset`` builds; the one place for the defaults (``wsss data shapes`` shows them).
 
     seed: the same seed (and options) gives the same files.
-    num_classes: shape classes K (1..10), the first K of ``SHAPE_NAMES``.
+    num_classes: classes K (1..10): the first K of ``SHAPE_NAMES`` ("outline"), or K hues ("fill").
     image_size, num_train, num_val: image side in pixels, images per split.
     object_size: (low, high) long side of an object as a fraction of the image side.
     objects_per_image: (low, high) objects per image (fewer when no spot is found).
@@ -108,6 +108,9 @@ class ShapesOptions:
 
     @property
     def class_names(self) -> tuple[str, ...]:
+        """classes.txt's names: the shape families ("outline"), or hue_0 .. hue_K-1 in hue order ("fill")."""
+        if self.class_cue == "fill":
+            return tuple(f"hue_{k}" for k in range(self.num_classes))
         return SHAPE_NAMES[:self.num_classes]
 
     def record(self) -> dict[str, Any]:
