@@ -90,6 +90,29 @@ def test_mask_drawn_from_image_stays_aligned_under_rescale_flip_and_crop():
     assert min(agreements) > 0.96 and np.mean(agreements) > 0.98, agreements
 
 
+def test_rot90_turns_image_and_mask_together_by_multiples_of_90_degrees():
+    image = blocky_image(24, 40, seed=5)  # not square: a turn shows in the valid box
+    mask = mask_of(image)
+    expected = normalize(to_image_tensor(image), MEAN, STD)
+    t = TrainTransform(48, (1.0, 1.0), False, False, MEAN, STD, 255, rot90=True)
+    turns_seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = t(image, mask)
+        y0, y1, x0, x1 = out["valid_box"].tolist()
+        crop, crop_mask = out["image"][:, y0:y1, x0:x1], out["mask"][y0:y1, x0:x1]
+        turns = [k for k in range(4) if crop.shape[-2:] == torch.rot90(expected, k, (-2, -1)).shape[-2:]
+                 and torch.allclose(crop, torch.rot90(expected, k, (-2, -1)), atol=1e-6)]
+        assert len(turns) == 1, seed  # the crop is the image turned by exactly one multiple of 90 degrees
+        assert torch.equal(crop_mask, torch.rot90(torch.from_numpy(mask).long(), turns[0], (-2, -1)))
+        turns_seen.add(turns[0])
+    assert turns_seen == {0, 1, 2, 3}
+    torch.manual_seed(0)  # off (the default), nothing turns
+    plain = transform(48)(image, mask)
+    y0, y1, x0, x1 = plain["valid_box"].tolist()
+    assert torch.allclose(plain["image"][:, y0:y1, x0:x1], expected, atol=1e-6)
+
+
 def test_training_transform_is_reproducible_from_torch_seed():
     image = blocky_image(70, 50)
     t = transform(48, rescale=(0.5, 2.0), hflip=True, jitter=True)

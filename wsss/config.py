@@ -39,6 +39,9 @@ class DataConfig:
     crop_size: int = 512  # side of the square training crop, in pixels (padded where the image is smaller)
     rescale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale factor [low, high]
     hflip: bool = True  # random horizontal flip of the training images
+    # random rotation of the training images by a multiple of 90 degrees (not in the published recipe): for data
+    # whose classes look the same in any orientation (objects seen from above, cells, drawn shapes)
+    rot90: bool = False
     color_jitter: bool = False  # random colour jitter of the training images (not in the published recipe)
     # brightness, contrast, saturation, hue of the colour jitter (torchvision ColorJitter)
     color_jitter_strength: list[float] = field(default_factory=lambda: [0.3, 0.3, 0.3, 0.05])

@@ -11,7 +11,8 @@ DataLoader (and ``torch.manual_seed``) makes the augmentation reproducible.
 Training (``TrainTransform``), in this order:
   1. random rescale by a factor uniform in ``data.rescale_range``;
   2. optional colour jitter (``data.color_jitter``);
-  3. random horizontal flip (``data.hflip``);
+  3. random horizontal flip (``data.hflip``), and with ``data.rot90`` a rotation by a random multiple of
+     90 degrees (with the flip: the eight symmetries of the square);
   4. normalization with ``data.mean`` / ``data.std``;
   5. random crop to ``data.crop_size``; an image smaller than the crop is
      placed at a random position on a padded canvas: padded pixels have the colour
@@ -115,10 +116,11 @@ class TrainTransform:
         ignore_index: int = IGNORE_VALUE,
         jitter_strength: Sequence[float] = (0.3, 0.3, 0.3, 0.05),
         pad_rgb: Sequence[float] = (0.0, 0.0, 0.0),
+        rot90: bool = False,
     ) -> None:
         self.crop_size = int(crop_size)
         self.rescale_range = (float(rescale_range[0]), float(rescale_range[1]))
-        self.hflip = hflip
+        self.hflip, self.rot90 = hflip, rot90
         # brightness, contrast, saturation, hue (the default: data.color_jitter_strength's)
         self.jitter = v2.ColorJitter(*jitter_strength) if color_jitter else None
         self.mean, self.std = list(mean), list(std)
@@ -129,7 +131,8 @@ class TrainTransform:
     @classmethod
     def from_config(cls, data_cfg: DataConfig) -> TrainTransform:
         return cls(data_cfg.crop_size, data_cfg.rescale_range, data_cfg.hflip, data_cfg.color_jitter,
-                   data_cfg.mean, data_cfg.std, data_cfg.ignore_index, data_cfg.color_jitter_strength, data_cfg.pad_rgb)
+                   data_cfg.mean, data_cfg.std, data_cfg.ignore_index, data_cfg.color_jitter_strength, data_cfg.pad_rgb,
+                   data_cfg.rot90)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None) -> dict[str, Tensor]:
         if mask is None:
@@ -149,9 +152,11 @@ class TrainTransform:
         target = msk.as_subclass(Tensor)[0].long()
         if self.ignore_index != IGNORE_VALUE:
             target = torch.where(target == IGNORE_VALUE, self.ignore_index, target)
-        out_image, out_mask, valid_box = pad_and_crop(
-            normalize(img.as_subclass(Tensor), self.mean, self.std), target, self.crop_size, self.ignore_index,
-            self.fill)
+        image = normalize(img.as_subclass(Tensor), self.mean, self.std)
+        turns = _randint(3) if self.rot90 else 0
+        if turns:  # before the crop, so the valid box of the crop stays true
+            image, target = torch.rot90(image, turns, (-2, -1)), torch.rot90(target, turns, (-2, -1))
+        out_image, out_mask, valid_box = pad_and_crop(image, target, self.crop_size, self.ignore_index, self.fill)
         return {"image": out_image, "mask": out_mask, "valid_box": valid_box}
 
 
