@@ -4,8 +4,9 @@ Independent of the recipe (no transformer, no CAM, no WSSS): an eight-conv netwo
 conv + BatchNorm + ReLU, then 2x2 max pooling; 32, 64, 128, 256 channels), global max pooling and a linear
 layer, trained for N iterations on the image-level labels with the recipe's loss (multilabel soft margin),
 AdamW (lr 1e-3, weight decay 1e-4), batch 16 drawn at random, a random horizontal flip and a random multiple
-of 90 degrees of rotation per batch, bf16 autocast on CPU. Images are read by the project's dataset code
-(``data.dataset=custom``, the split files, normalization) and resized to ``--size`` squared.
+of 90 degrees of rotation per batch (``--no-augment``: neither), bf16 autocast on CPU. Images are read by the
+project's dataset code (``data.dataset=custom``, the split files, normalization) and resized to ``--size``
+squared.
 
 Every ``--every`` iterations and at the end it prints the mean training loss since the last line, and on val
 the classification loss, the label prior's loss there (the training frequencies predicted for every image),
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image side fed to the network")
     parser.add_argument("--every", type=int, default=500, help="iterations between printed lines")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="the random flip and multiple of 90 degrees per batch (--no-augment: none)")
     args = parser.parse_args()
 
     from wsss.engine.metrics import ImageScores
@@ -89,9 +92,10 @@ def main() -> None:
     for iteration in range(1, args.iterations + 1):
         index = torch.randint(0, len(train_x), (16,))
         x, y = train_x[index], train_y[index]
-        if torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
+        if args.augment:
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+            x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(x)
         loss = classification_loss(logits.float(), y)

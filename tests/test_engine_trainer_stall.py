@@ -150,6 +150,7 @@ def test_a_validation_loss_at_the_prior_warns_once_on_the_val_split(tiny_config,
     assert log.count(WARNING) == 1
     line = next(t for t in log.splitlines() if WARNING in t)
     assert "on 'val' (24 images)" in line and "memorises" in line and "train.iterations" in line
+    assert "data.rot90=false" in line  # augmentation, the other remedy of a run that memorises
     assert "model.pretrained=hub" in line and f"{prior:.4f}" in line
 
 

@@ -11,7 +11,7 @@ from wsss.config import ModelConfig
 from wsss.errors import ConfigError, WsssError
 from wsss.models.attn_factors import AttnFactors
 from wsss.models.backbones import create_backbone
-from wsss.models.mit import MixVisionTransformer, create_mit
+from wsss.models.mit import MixVisionTransformer, conv_stage, create_mit
 
 VIT = "timm:vit_tiny_patch16_224"
 PVT = "timm:pvt_v2_b0"
@@ -358,3 +358,35 @@ def test_mit_under_cpu_bf16_autocast_stays_close_to_fp32():
     assert logits.dtype == torch.bfloat16
     for a, b in zip(fp32, bf16):
         torch.testing.assert_close(b.float(), a, atol=0.1, rtol=0.05)
+
+
+def test_conv_stages_turn_the_first_stages_into_cnn_blocks_and_keep_stage_4_attention():
+    plain, hybrid = _backbone("mit_tiny"), _backbone("mit_tiny", conv_stages=3)
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        (f_plain, l_plain), (f_hybrid, l_hybrid) = plain(x, with_attn=True), hybrid(x, with_attn=True)
+    assert [f.shape for f in f_hybrid] == [f.shape for f in f_plain] and l_hybrid.shape == l_plain.shape
+    assert hybrid.feature_strides == [4, 8, 16, 16]
+    assert [len(getattr(hybrid, f"block{i}")) for i in range(1, 5)] == [0, 0, 0, 2]  # stage 4 keeps its blocks
+    assert all(len(getattr(plain, f"block{i}")) > 0 for i in range(1, 5))
+    stage1 = hybrid.patch_embed1.proj
+    convs = [m for m in stage1.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [(3, 32, 1), (32, 32, 1), (32, 32, 1),
+                                                                            (32, 32, 1)]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in stage1.modules()) == 2  # stride 4: two halvings
+    flat = conv_stage(8, 16, 1)  # a stage at stride 1: two convs, no pooling
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in flat.modules())
+    assert flat(torch.randn(1, 8, 12, 10)).shape == (1, 16, 12, 10)
+    one = _backbone("mit_tiny", conv_stages=1)
+    assert [len(getattr(one, f"block{i}")) for i in range(1, 5)] == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"conv_stages": 4}, "expected 0 to 3"),
+    ({"conv_stages": 2, "conv_stem": 16}, "set one of them to 0"),
+    ({"conv_stages": 1, "strides": [3, 2, 2, 1]}, "strides 1, 2 or 4"),
+    ({"conv_stages": 3, "pretrained": "weights.pth"}, "model.pretrained='weights.pth' would not fit"),
+])
+def test_conv_stages_are_checked(cfg, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _backbone("mit_tiny", **cfg)

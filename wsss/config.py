@@ -91,6 +91,11 @@ class ModelConfig:
     # MiT only, from scratch only: the width of a convolutional stem (three 3x3 convs, mit.conv_stem) in place
     # of the first patch embedding's 7x7 stride-4 conv; 0 = the published patch embedding.
     conv_stem: int = 0
+    # MiT only, from scratch only: the first N stages (0-3) are a plain CNN's blocks (two 3x3 conv + BN + ReLU,
+    # 2x2 max pooling per halving) in place of their patch embedding's conv and transformer blocks; stage 4, whose
+    # attention feeds AFA, stays a transformer. Not in the paper: for classes told by shape, which MiT from scratch
+    # does not learn from a few hundred images (docs/benchmarks.md, what a from-scratch model needs to learn shapes).
+    conv_stages: int = 0
     # Image logits from the features: "gmp" (published), "gap", or "topk": the mean of each feature channel's
     # largest cam_topk fraction of tokens. Not in the paper; on the gray demo variant topk is the one pooling
     # with which PAR improved on the CAMs (docs/benchmarks.md, the gray variant).

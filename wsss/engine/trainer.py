@@ -478,7 +478,9 @@ def stall_message(cfg: Config, iteration: int, loss_text: str, ratio: float, on_
     if on_val:
         meaning = ("the classifier has learned nothing that holds on images it did not train on (where its "
                    "training loss is lower, it memorises the training images)")
-        more = "more training images or iterations (train.iterations), "
+        more = ("more training images or iterations (train.iterations), augmentation that keeps the classes "
+                f"(data.hflip={str(cfg.data.hflip).lower()}, data.rot90={str(cfg.data.rot90).lower()}: where they "
+                "look the same mirrored or turned), ")
     else:
         meaning = "the classifier has not learned from the pixels"
         more = ""

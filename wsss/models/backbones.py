@@ -73,11 +73,13 @@ def create_backbone(model_cfg: ModelConfig, attn_blocks: int) -> nn.Module:
     name = model_cfg.backbone.strip()
     if name in MIT_SPECS:
         return create_mit(
-            name, model_cfg.strides, attn_blocks, model_cfg.drop_path_rate, model_cfg.pretrained, model_cfg.conv_stem
+            name, model_cfg.strides, attn_blocks, model_cfg.drop_path_rate, model_cfg.pretrained, model_cfg.conv_stem,
+            model_cfg.conv_stages,
         )
     if name.startswith(TIMM_PREFIX):
-        if model_cfg.conv_stem:
-            raise ConfigError(f"model.conv_stem is for a MiT backbone trained from scratch, not '{name}': set it to 0")
+        if model_cfg.conv_stem or model_cfg.conv_stages:
+            raise ConfigError(f"model.conv_stem (and model.conv_stages) is for a MiT backbone trained from scratch, "
+                              f"not '{name}': set it to 0")
         return create_timm_backbone(
             name[len(TIMM_PREFIX):], model_cfg.strides, attn_blocks, model_cfg.drop_path_rate, model_cfg.pretrained
         )

@@ -192,6 +192,7 @@ class MixVisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         name: str = "mit",
         stem_width: int = 0,
+        conv_stages: int = 0,
     ) -> None:
         super().__init__()
         if len(strides) != 4 or any(int(s) < 1 for s in strides):
@@ -201,6 +202,14 @@ class MixVisionTransformer(nn.Module):
                 f"model.conv_stem={stem_width}: expected 0 (the published patch embedding) or a positive width "
                 f"with model.strides[0] = 4 (the stem's two stride-2 convs), strides are {list(strides)}"
             )
+        if not 0 <= conv_stages <= 3 or (conv_stages and stem_width):
+            raise ConfigError(
+                f"model.conv_stages={conv_stages}: expected 0 to 3 (stage 4 stays a transformer for AFA), and 0 "
+                f"with model.conv_stem={stem_width} (the first conv stage replaces the stem): set one of them to 0"
+            )
+        if any(int(s) not in (1, 2, 4) for s in strides[:conv_stages]):
+            raise ConfigError(f"model.conv_stages={conv_stages} needs strides 1, 2 or 4 in its stages (max pooling "
+                              f"halves the resolution), strides are {list(strides)}")
         if not 1 <= attn_blocks <= spec.depths[3]:
             raise ConfigError(
                 f"afa.attn_blocks={attn_blocks} but the last stage of {name} has {spec.depths[3]} blocks"
@@ -217,7 +226,7 @@ class MixVisionTransformer(nn.Module):
         for i in range(4):
             dim = spec.embed_dims[i]
             self.add_module(f"patch_embed{i + 1}", OverlapPatchEmbed(in_chans, dim, _PATCH_KERNELS[i], int(strides[i])))
-            blocks = [
+            blocks = [] if i < conv_stages else [
                 MiTBlock(dim, spec.num_heads[i], spec.sr_ratios[i], rates[first + j]) for j in range(spec.depths[i])
             ]
             self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
@@ -226,6 +235,9 @@ class MixVisionTransformer(nn.Module):
         if stem_width:
             self.patch_embed1.proj = conv_stem(spec.embed_dims[0], stem_width)
         self.apply(_init_weights)
+        for i in range(conv_stages):  # PyTorch's default initialisation, as a plain CNN's
+            stage_in = 3 if i == 0 else spec.embed_dims[i - 1]
+            getattr(self, f"patch_embed{i + 1}").proj = conv_stage(stage_in, spec.embed_dims[i], int(strides[i]))
 
     def forward(
         self, x: Tensor, with_attn: bool = False, factored: bool = False
@@ -261,6 +273,20 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def conv_stage(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """A convolutional MiT stage (``model.conv_stages``), a plain CNN's blocks: per halving of the resolution two
+    3x3 conv -> BN -> ReLU and a 2x2 max pooling (two convs without pooling at stride 1);
+    [B, in, H, W] -> [B, out, H / stride, W / stride]."""
+    halvings = int(stride).bit_length() - 1
+    layers: list[nn.Module] = []
+    for i in range(max(halvings, 1)):
+        layers += [ConvNormAct(in_channels if i == 0 else out_channels, out_channels, 3, act_layer="relu"),
+                   ConvNormAct(out_channels, out_channels, 3, act_layer="relu")]
+        if halvings:
+            layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
 
 
 # --------------------------------------------------------------------------- #
@@ -359,6 +385,7 @@ def create_mit(
     drop_path_rate: float = 0.0,
     pretrained: str = RANDOM_INIT,
     stem_width: int = 0,
+    conv_stages: int = 0,
 ) -> MixVisionTransformer:
     if name not in MIT_SPECS:
         raise ConfigError(f"unknown MiT '{name}'; expected one of {', '.join(MIT_SPECS)}")
@@ -367,7 +394,12 @@ def create_mit(
             f"model.conv_stem={stem_width} replaces the first patch embedding, so the weights of model.pretrained="
             f"{pretrained!r} would not fit it: set model.pretrained=none (train from scratch) or model.conv_stem=0"
         )
-    model = MixVisionTransformer(MIT_SPECS[name], strides, attn_blocks, drop_path_rate, name, stem_width)
+    if conv_stages and pretrained != RANDOM_INIT:
+        raise ConfigError(
+            f"model.conv_stages={conv_stages} replaces transformer stages, so the weights of model.pretrained="
+            f"{pretrained!r} would not fit them: set model.pretrained=none (train from scratch) or model.conv_stages=0"
+        )
+    model = MixVisionTransformer(MIT_SPECS[name], strides, attn_blocks, drop_path_rate, name, stem_width, conv_stages)
     if pretrained != RANDOM_INIT:
         load_mit_weights(model, pretrained, name)
     return model

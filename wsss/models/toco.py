@@ -158,8 +158,9 @@ def build_toco_network(cfg: Config, num_classes: int) -> ToCoNetwork:
     if not name.startswith(TIMM_PREFIX) or _timm_family(name[len(TIMM_PREFIX):]) != "vit":
         raise ConfigError(f"model.method 'toco' needs a plain ViT / DeiT backbone ('timm:vit_base_patch16_224', "
                           f"'timm:deit_base_patch16_224', ...), got model.backbone '{name}'")
-    if cfg.model.conv_stem:
-        raise ConfigError("model.conv_stem is for a MiT backbone; with model.method 'toco' set it to 0")
+    if cfg.model.conv_stem or cfg.model.conv_stages:
+        raise ConfigError("model.conv_stem (and model.conv_stages) is for a MiT backbone; with model.method "
+                          "'toco' set it to 0")
     timm_name = name[len(TIMM_PREFIX):]
     model = create_timm_model(timm_name, cfg.model.drop_path_rate, cfg.model.pretrained)
     backbone = ToCoViT(model, cfg.toco.aux_layer, name)
