@@ -130,13 +130,18 @@ def test_segformer_strides_put_stage4_at_one_thirty_second():
     assert features[3].shape[-2:] == (4, 4)
 
 
-def test_conv_stem_replaces_only_the_first_patch_embedding_and_keeps_the_geometry():
-    plain, stem = _backbone("mit_tiny"), _backbone("mit_tiny", conv_stem=16)
+def _assert_same_geometry(plain: torch.nn.Module, other: torch.nn.Module) -> None:
+    """``other`` gives the feature maps and attention logits of ``plain``'s shapes, at the demo's strides."""
     x = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
-        (f_plain, l_plain), (f_stem, l_stem) = plain(x, with_attn=True), stem(x, with_attn=True)
-    assert [f.shape for f in f_stem] == [f.shape for f in f_plain] and l_stem.shape == l_plain.shape
-    assert stem.feature_strides == plain.feature_strides == [4, 8, 16, 16]
+        (f_plain, l_plain), (f_other, l_other) = plain(x, with_attn=True), other(x, with_attn=True)
+    assert [f.shape for f in f_other] == [f.shape for f in f_plain] and l_other.shape == l_plain.shape
+    assert other.feature_strides == plain.feature_strides == [4, 8, 16, 16]
+
+
+def test_conv_stem_replaces_only_the_first_patch_embedding_and_keeps_the_geometry():
+    plain, stem = _backbone("mit_tiny"), _backbone("mit_tiny", conv_stem=16)
+    _assert_same_geometry(plain, stem)
     new_keys = set(stem.state_dict()) - set(plain.state_dict())
     assert set(plain.state_dict()) - set(stem.state_dict()) == {"patch_embed1.proj.weight", "patch_embed1.proj.bias"}
     assert new_keys and all(k.startswith("patch_embed1.proj.") for k in new_keys)
@@ -362,11 +367,7 @@ def test_mit_under_cpu_bf16_autocast_stays_close_to_fp32():
 
 def test_conv_stages_turn_the_first_stages_into_cnn_blocks_and_keep_stage_4_attention():
     plain, hybrid = _backbone("mit_tiny"), _backbone("mit_tiny", conv_stages=3)
-    x = torch.randn(2, 3, 96, 64)
-    with torch.no_grad():
-        (f_plain, l_plain), (f_hybrid, l_hybrid) = plain(x, with_attn=True), hybrid(x, with_attn=True)
-    assert [f.shape for f in f_hybrid] == [f.shape for f in f_plain] and l_hybrid.shape == l_plain.shape
-    assert hybrid.feature_strides == [4, 8, 16, 16]
+    _assert_same_geometry(plain, hybrid)
     assert [len(getattr(hybrid, f"block{i}")) for i in range(1, 5)] == [0, 0, 0, 2]  # stage 4 keeps its blocks
     assert all(len(getattr(plain, f"block{i}")) > 0 for i in range(1, 5))
     stage1 = hybrid.patch_embed1.proj
